@@ -1,0 +1,139 @@
+"""Backbone parameters: abstract shapes, shardings, sharded creation and sharded restore.
+
+Nothing here materialises the whole tree on one host: `init_params` runs the initialiser
+under `jax.jit` with the rules table's `out_shardings`, and `place_params` builds each leaf with
+`jax.make_array_from_callback`, so each device receives only its shard of one leaf at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from ptuning import param_tree, sharding
+from ptuning.model.config import T5Config
+from ptuning.model.t5 import EncoderDecoder
+
+_LAYER = re.compile(r"^(encoder|decoder)/layers_(\d+)/(.*)$")
+_SCANNED = re.compile(r"^(encoder|decoder)/layers/(.*)$")
+
+
+def _init_fn(cfg: T5Config) -> Callable[[jax.Array], Any]:
+  def init(rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return EncoderDecoder(cfg).init(rng, tokens, tokens)["params"]
+  return init
+
+
+@functools.lru_cache(maxsize=32)
+def abstract_params(cfg: T5Config) -> Any:
+  """Boxed (logically partitioned) ShapeDtypeStruct tree, from `jax.eval_shape`: no FLOPs, no memory."""
+  return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
+
+
+def param_shapes(cfg: T5Config) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat {path: ShapeDtypeStruct} of the (unboxed) parameter tree."""
+  return param_tree.flatten(nn.meta.unbox(abstract_params(cfg)))
+
+
+def logical_specs(cfg: T5Config) -> Any:
+  """Tree of logical PartitionSpecs, e.g. P('embed', 'joined_kv') for attention kernels."""
+  return nn.get_partition_spec(abstract_params(cfg))
+
+
+def param_shardings(cfg: T5Config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
+  """Tree of NamedShardings implied by the rules table."""
+  return sharding.logical_to_sharding(logical_specs(cfg), mesh, rules)
+
+
+def init_params(cfg: T5Config, rng: jax.Array, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
+  """Random parameters created directly in their shardings (used for tests and pretraining)."""
+  init = jax.jit(lambda r: nn.meta.unbox(_init_fn(cfg)(r)),
+                 out_shardings=param_shardings(cfg, mesh, rules))
+  with sharding.activate(mesh, rules):
+    return init(rng)
+
+
+def stack_layers(flat: Mapping[str, Any], cfg: T5Config) -> dict[str, Any]:
+  """Unscanned `encoder/layers_{i}/X` leaves -> scanned `encoder/layers/X` `[layers, ...]`."""
+  out, groups = {}, {}
+  for path, value in flat.items():
+    match = _LAYER.match(path)
+    if match:
+      stack, index, rest = match.groups()
+      groups.setdefault(f"{stack}/layers/{rest}", {})[int(index)] = value
+    else:
+      out[path] = value
+  for path, by_index in groups.items():
+    out[path] = _LazyStack([by_index[i] for i in sorted(by_index)])
+  return out
+
+
+def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned `encoder/layers/X [layers, ...]` -> `encoder/layers_{i}/X`."""
+  out = {}
+  for path, value in flat.items():
+    match = _SCANNED.match(path)
+    if not match:
+      out[path] = value
+      continue
+    stack, rest = match.groups()
+    value = np.asarray(value)
+    for i in range(value.shape[0]):
+      out[f"{stack}/layers_{i}/{rest}"] = value[i]
+  return out
+
+
+class _LazyStack:
+  """A `[layers, ...]` array assembled on demand from per-layer arrays (sliceable, like numpy)."""
+
+  def __init__(self, parts):
+    self.parts = parts
+    self.shape = (len(parts),) + tuple(np.shape(parts[0]))
+    self.dtype = np.asarray(parts[0]).dtype if not hasattr(parts[0], "dtype") else parts[0].dtype
+
+  def __getitem__(self, index):
+    index = index if isinstance(index, tuple) else (index,)
+    layer_index, rest = (index[0], index[1:]) if index else (slice(None), ())
+    layers = range(len(self.parts))[layer_index]
+    return np.stack([np.asarray(self.parts[i])[rest] for i in layers])
+
+  def __array__(self, dtype=None, copy=None):
+    array = self[:]
+    return array.astype(dtype) if dtype is not None else array
+
+
+def place_params(flat: Mapping[str, Any], cfg: T5Config, mesh: Mesh,
+                 rules=sharding.DEFAULT_RULES) -> Any:
+  """Host arrays (numpy-like, sliceable) in the unscanned canonical layout -> sharded jax tree.
+
+  Checks every shape against `cfg` first (naming the parameter and both shapes), stacks layers
+  when `cfg.scan_layers`, casts to `cfg.param_dtype`, and transfers each device only its shard.
+  """
+  from ptuning.checkpoints.validate import check_params_match_config
+  unscanned_cfg = cfg.replace(scan_layers=False, remat_policy="none")
+  expected = {p: tuple(s.shape) for p, s in param_shapes(unscanned_cfg).items()}
+  check_params_match_config(flat, expected)
+  if cfg.scan_layers:
+    flat = stack_layers(flat, cfg)
+  shardings = param_tree.flatten(param_shardings(cfg, mesh, rules))
+  dtype = np.dtype(cfg.param_dtype)
+
+  def make(path):
+    source = flat[path]
+    return jax.make_array_from_callback(
+        tuple(source.shape), shardings[path],
+        lambda index: np.asarray(source[index]).astype(dtype))
+  return param_tree.unflatten({path: make(path) for path in shardings})
+
+
+def host_params(params: Any) -> dict[str, np.ndarray]:
+  """Sharded jax tree -> flat unscanned numpy dict (for export)."""
+  return unstack_layers({p: np.asarray(jax.device_get(v)) for p, v in param_tree.flatten(params).items()})

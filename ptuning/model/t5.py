@@ -1,0 +1,251 @@
+"""T5 encoder-decoder in Flax: Encoder, Decoder, EncoderDecoder.
+
+Parameter names match T5X (see ptuning/checkpoints): `token_embedder/embedding`,
+`encoder/layers_{i}/attention/query/kernel`, ... With `scan_layers` the per-layer subtrees are
+stacked under `encoder/layers/...` with a leading 'layers' axis.
+
+The encoder consumes input *embeddings* plus a mask, the seam every prompt method uses:
+
+    embeds = model.apply(params, tokens, method=EncoderDecoder.embed)          # [B, L, E]
+    embeds, mask = <prompt method>(embeds, tokens > 0)                          # [B, P+L, E]
+    logits = model.apply(params, embeds, mask, decoder_inputs,
+                         method=EncoderDecoder.forward_embeddings)              # [B, T, V] f32
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptuning.model.config import T5Config
+from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
+                                  RelativePositionBias, RMSNorm, constrain)
+
+Array = jax.Array
+
+REMAT_POLICY_FNS = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _dtypes(cfg: T5Config) -> dict:
+  return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention + MLP; `(x [B, L, E], bias [B|1, H, L, L]) -> (x, None)`."""
+
+  cfg: T5Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, bias: Array):
+    cfg, dt = self.cfg, _dtypes(self.cfg)
+    dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **dt)(x)
+    h = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, deterministic=self.deterministic,
+                           name="attention", **dt)(h, h, bias)
+    x = x + dropout(h)
+    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **dt)(x)
+    h = MlpBlock(cfg.d_ff, cfg.feed_forward, cfg.dropout_rate, self.deterministic, name="mlp", **dt)(h)
+    x = constrain(x + dropout(h), ("batch", "length", "embed"))
+    return x, None
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention, cross-attention, MLP; `x [B, T, E] -> (x, None)`."""
+
+  cfg: T5Config
+  deterministic: bool = True
+  decode: bool = False
+  max_decode_length: int | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, encoded: Array, self_bias: Array, cross_bias: Array,
+               decode_position: Array | None = None):
+    cfg, dt = self.cfg, _dtypes(self.cfg)
+    dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+    attention = functools.partial(MultiHeadAttention, cfg.num_heads, cfg.d_kv, cfg.dropout_rate,
+                                  deterministic=self.deterministic, **dt)
+    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **dt)(x)
+    h = attention(name="self_attention")(h, h, self_bias, decode=self.decode,
+                                         decode_position=decode_position,
+                                         max_decode_length=self.max_decode_length)
+    x = x + dropout(h)
+    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **dt)(x)
+    h = attention(is_cross=True, name="encoder_decoder_attention")(h, encoded, cross_bias,
+                                                                   decode=self.decode)
+    x = x + dropout(h)
+    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **dt)(x)
+    h = MlpBlock(cfg.d_ff, cfg.feed_forward, cfg.dropout_rate, self.deterministic, name="mlp", **dt)(h)
+    x = constrain(x + dropout(h), ("batch", "length", "embed"))
+    return x, None
+
+
+def _stack(layer_cls, cfg: T5Config, num_layers: int, num_broadcast_args: int, **layer_kwargs):
+  """Returns a callable applying `num_layers` layers: unrolled `layers_{i}` or one `nn.scan`."""
+  if cfg.remat_policy != "none":
+    layer_cls = nn.remat(layer_cls, policy=REMAT_POLICY_FNS[cfg.remat_policy],
+                         prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 1},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * num_broadcast_args, length=num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    layer = scanned(cfg, name="layers", **layer_kwargs)
+    return lambda x, *args: layer(x, *args)[0]
+
+  layers = [layer_cls(cfg, name=f"layers_{i}", **layer_kwargs) for i in range(num_layers)]
+
+  def apply(x, *args):
+    for layer in layers:
+      x, _ = layer(x, *args)
+    return x
+  return apply
+
+
+def attention_mask_bias(query_mask: Array | None, key_mask: Array) -> Array:
+  """`key_mask [B, K]` (1 = visible) -> additive float32 bias `[B, 1, 1, K]`."""
+  del query_mask  # Padded queries attend normally; their outputs are ignored downstream.
+  return jnp.where(key_mask[:, None, None, :] > 0, 0.0, MASK_VALUE).astype(jnp.float32)
+
+
+class Encoder(nn.Module):
+  """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]` (bidirectional, relative positions)."""
+
+  cfg: T5Config
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, embeds: Array, mask: Array) -> Array:
+    cfg = self.cfg
+    length = embeds.shape[1]
+    positions = jnp.arange(length, dtype=jnp.int32)
+    bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
+                                cfg.relative_attention_max_distance, bidirectional=True,
+                                param_dtype=jnp.dtype(cfg.param_dtype), name="relpos_bias")(
+                                    positions, positions)
+    bias = bias + attention_mask_bias(None, mask)
+    x = nn.Dropout(cfg.dropout_rate)(embeds, deterministic=self.deterministic)
+    x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
+    x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 1, deterministic=self.deterministic)(x, bias)
+    x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_dtypes(cfg))(x)
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+
+
+class Decoder(nn.Module):
+  """`decoder_embeds [B, T, E]` attending to `encoded [B, L, E]` -> logits `[B, T, V]` float32.
+
+  With `decode=True`, `decoder_embeds` is one step `[B, 1, E]` and the self-attention caches
+  plus a scalar `position` live in the 'cache' collection.
+  """
+
+  cfg: T5Config
+  deterministic: bool = True
+  decode: bool = False
+  max_decode_length: int | None = None
+
+  @nn.compact
+  def __call__(self, decoder_embeds: Array, encoded: Array, encoder_mask: Array,
+               shared_embedding: Array | None) -> Array:
+    cfg = self.cfg
+    relpos = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
+                                  cfg.relative_attention_max_distance, bidirectional=False,
+                                  param_dtype=jnp.dtype(cfg.param_dtype), name="relpos_bias")
+    length = decoder_embeds.shape[1]
+    decode_position = None
+    if self.decode and self.has_variable("cache", "position"):
+      # One step: the query sits at `position`, keys are the whole cache (future ones masked).
+      position_var = self.variable("cache", "position", jnp.zeros, (), jnp.int32)
+      decode_position = position_var.value
+      key_positions = jnp.arange(self.max_decode_length, dtype=jnp.int32)
+      self_bias = relpos(decode_position[None], key_positions)
+      self_bias = self_bias + jnp.where(key_positions <= decode_position, 0.0, MASK_VALUE)
+      position_var.value = decode_position + length
+    else:
+      if self.decode:  # Cache initialisation call: create the position counter at 0.
+        self.variable("cache", "position", jnp.zeros, (), jnp.int32)
+      positions = jnp.arange(length, dtype=jnp.int32)
+      causal = positions[None, :] <= positions[:, None]
+      self_bias = relpos(positions, positions) + jnp.where(causal, 0.0, MASK_VALUE)
+    cross_bias = attention_mask_bias(None, encoder_mask)
+
+    x = nn.Dropout(cfg.dropout_rate)(decoder_embeds, deterministic=self.deterministic)
+    x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
+    x = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, 4, deterministic=self.deterministic,
+               decode=self.decode, max_decode_length=self.max_decode_length)(
+                   x, encoded, self_bias, cross_bias, decode_position)
+    x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_dtypes(cfg))(x)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+    if cfg.tie_embeddings:
+      x = x * (cfg.d_model ** -0.5)
+      logits = jnp.einsum("bte,ve->btv", x, shared_embedding.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = LogitsDense(cfg.vocab_size, name="logits_dense", **_dtypes(cfg))(x)
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class LogitsDense(nn.Module):
+  """Untied LM head `[B, T, E] -> [B, T, V]`, accumulated in float32."""
+
+  vocab_size: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", P(nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                                    ("embed", "vocab")), (x.shape[-1], self.vocab_size),
+                        self.param_dtype)
+    return jnp.einsum("bte,ev->btv", x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class EncoderDecoder(nn.Module):
+  """The frozen backbone. Tokens are int32 with 0 = padding (also the decoder start token)."""
+
+  cfg: T5Config
+  deterministic: bool = True
+  decode: bool = False
+  max_decode_length: int | None = None
+
+  def setup(self):
+    cfg = self.cfg
+    self.token_embedder = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        embedding_init=P(nn.initializers.normal(stddev=1.0), ("vocab", "embed")))
+    self.encoder = Encoder(cfg, self.deterministic)
+    self.decoder = Decoder(cfg, self.deterministic, self.decode, self.max_decode_length)
+
+  def embed(self, tokens: Array) -> Array:
+    """`[B, L] int -> [B, L, E]` in the activation dtype."""
+    return constrain(self.token_embedder(tokens), ("batch", "length", "embed"))
+
+  def encode_embeddings(self, embeds: Array, mask: Array) -> Array:
+    """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]`."""
+    return self.encoder(embeds, mask)
+
+  def encode(self, encoder_input_tokens: Array) -> Array:
+    return self.encoder(self.embed(encoder_input_tokens), encoder_input_tokens > 0)
+
+  def decode_logits(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array) -> Array:
+    """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> `[B, T, V]` f32."""
+    return self.decoder(self.embed(decoder_input_tokens), encoded, encoder_mask,
+                        self.token_embedder.embedding)
+
+  def forward_embeddings(self, embeds: Array, mask: Array, decoder_input_tokens: Array) -> Array:
+    """`embeds [B, L, E]`, `mask [B, L]`, `decoder_input_tokens [B, T]` -> logits `[B, T, V]`."""
+    return self.decode_logits(self.encode_embeddings(embeds, mask), mask, decoder_input_tokens)
+
+  def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array) -> Array:
+    """Token ids in, logits `[B, T, V]` float32 out; padding (id 0) masked in the encoder."""
+    mask = encoder_input_tokens > 0
+    return self.forward_embeddings(self.embed(encoder_input_tokens), mask, decoder_input_tokens)
