@@ -123,10 +123,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def bytes_per_device(abstract_tree: Any, shardings: Any) -> int:
-  """Bytes each device holds for `abstract_tree` (ShapeDtypeStructs) laid out by `shardings`."""
+def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh_shape: dict[str, int]) -> tuple:
+  """Per-device block of an array of `shape` laid out by mesh-axis `spec` (no devices needed)."""
+  block = []
+  for i, size in enumerate(shape):
+    axes = spec[i] if i < len(spec) else None
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    block.append(-(-size // math.prod(mesh_shape[a] for a in axes)))
+  return tuple(block)
+
+
+def bytes_per_device(abstract_tree: Any, logical_specs: Any, mesh_shape: dict[str, int],
+                     rules: LogicalRules = DEFAULT_RULES) -> int:
+  """Bytes one device holds for `abstract_tree` (ShapeDtypeStructs) with logical `specs`."""
+  is_spec = lambda x: isinstance(x, PartitionSpec)
   total = 0
-  for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
-    shard_shape = sharding.shard_shape(leaf.shape)
-    total += math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
+  for leaf, logical in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(logical_specs, is_leaf=is_spec)):
+    spec = logical_spec_to_mesh_spec(tuple(logical), rules)
+    total += math.prod(shard_shape(leaf.shape, spec, mesh_shape)) * np.dtype(leaf.dtype).itemsize
   return total

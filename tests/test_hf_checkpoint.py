@@ -11,8 +11,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from ptuning.checkpoints import hf  # noqa: E402
 from ptuning.checkpoints.validate import (CheckpointMismatchError, canonical_param_shapes,  # noqa: E402
@@ -202,7 +202,7 @@ def test_bf16_round_trip(tmp_path):
 
 
 def test_write_takes_jax_arrays_and_checks_shapes(tmp_path):
-  jnp = pytest.importorskip("jax.numpy")
+  import jax.numpy as jnp
   cfg = T5Config(vocab_size=8, d_model=4, d_kv=2, d_ff=8, num_heads=2, num_encoder_layers=1,
                  num_decoder_layers=1, feed_forward="gated-gelu")
   params = {k: jnp.full(s, 0.5, jnp.bfloat16) for k, s in canonical_param_shapes(cfg).items()}

@@ -197,7 +197,7 @@ def _read_zarr_arrays(specs: dict[str, dict[str, Any]], ckpt_dir: Path,
   """Reads every spec's zarr array (all concurrently), checking shapes against the spec."""
   opened = {}
   for key, spec in specs.items():
-    local = {"driver": "file", "path": str(_zarr_dir(spec, ckpt_dir, key))}
+    local = {"driver": "file", "path": os.path.abspath(_zarr_dir(spec, ckpt_dir, key))}
     opened[key] = ts.open({"driver": spec.get("driver", "zarr"), "kvstore": local},
                           open=True, read=True)
   stores = {}

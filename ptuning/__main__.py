@@ -1,0 +1,3 @@
+from ptuning.cli import main
+import sys
+sys.exit(main())

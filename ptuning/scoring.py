@@ -1,0 +1,122 @@
+"""`ptuning score`: summed log-likelihood of each target given its input, for jsonl files.
+
+Each line is `{"inputs": ..., "targets": ...}`; a field is text (tokenised, EOS appended, as
+SeqIO does) or a list of token ids (used exactly as given). Output lines are the input lines
+with `"score"` added, written to a temporary file and renamed at the end, so a failure never
+leaves a truncated output or touches the input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from ptuning.model import decoding
+from ptuning.model.config import T5Config
+from ptuning.model.t5 import EncoderDecoder
+
+LENGTH_BUCKET = 16  # pad lengths up to a multiple of this, so few shapes are compiled
+
+
+def read_jsonl_examples(path: str) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, example) for every line; errors name `file:line` and the field at fault."""
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        example = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
+      if not isinstance(example, dict):
+        raise ValueError(f"{path}:{line_number}: expected a JSON object")
+      for field in ("inputs", "targets"):
+        if field not in example:
+          raise ValueError(f"{path}:{line_number}: missing field {field!r}")
+        value = example[field]
+        if not (isinstance(value, str) or (isinstance(value, list)
+                                           and all(isinstance(t, int) for t in value))):
+          raise ValueError(f"{path}:{line_number}: field {field!r} must be text or a list of "
+                           "token ids")
+      examples.append((line_number, example))
+  if not examples:
+    raise ValueError(f"{path}: no examples")
+  return examples
+
+
+def tokenize_field(value: str | list[int], vocab, vocab_size: int, where: str) -> list[int]:
+  """Text -> ids + EOS (needs `vocab`); id lists are checked against the model's vocabulary."""
+  if isinstance(value, str):
+    if vocab is None:
+      raise ValueError(f"{where}: text field needs a vocabulary (--vocab spiece.model)")
+    return list(vocab.encode(value)) + [1]
+  bad = [t for t in value if not 0 <= t < vocab_size]
+  if bad:
+    raise ValueError(f"{where}: token ids {bad[:5]} outside the model vocabulary [0, {vocab_size})")
+  return list(value)
+
+
+def _pad(rows: list[list[int]], batch: int) -> np.ndarray:
+  length = max(1, max(len(r) for r in rows))
+  length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+  out = np.zeros((batch, length), np.int32)
+  for i, row in enumerate(rows):
+    out[i, :len(row)] = row
+  return out
+
+
+def make_score_fn(cfg: T5Config):
+  """jit-compiled `(params, inputs [B, L], targets [B, T]) -> summed log p(targets) [B]`."""
+  model = EncoderDecoder(cfg)
+
+  @jax.jit
+  def score(params, inputs, targets):
+    logits = model.apply({"params": params}, inputs, decoding.shift_right(targets))
+    return decoding.sequence_log_likelihood(logits, targets)
+  return score
+
+
+def score_token_ids(cfg: T5Config, params: Any, inputs: list[list[int]], targets: list[list[int]],
+                    batch_size: int = 16) -> np.ndarray:
+  """Scores of tokenised examples `[num_examples]` (float32)."""
+  score = make_score_fn(cfg)
+  scores = []
+  for start in range(0, len(inputs), batch_size):
+    rows_in, rows_tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
+    result = score(params, _pad(rows_in, batch_size), _pad(rows_tgt, batch_size))
+    scores.extend(np.asarray(result)[:len(rows_in)].tolist())
+  return np.asarray(scores, np.float32)
+
+
+def write_jsonl_atomically(path: str, rows: Iterable[dict[str, Any]]) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def score_file(cfg: T5Config, params: Any, inputs_path: str, output_path: str, vocab=None,
+               batch_size: int = 16) -> np.ndarray:
+  if os.path.abspath(inputs_path) == os.path.abspath(output_path):
+    raise ValueError(f"--output {output_path!r} would overwrite the input file")
+  examples = read_jsonl_examples(inputs_path)
+  tokenized = {field: [tokenize_field(ex[field], vocab, cfg.vocab_size, f"{inputs_path}:{line}")
+                       for line, ex in examples] for field in ("inputs", "targets")}
+  scores = score_token_ids(cfg, params, tokenized["inputs"], tokenized["targets"], batch_size)
+  write_jsonl_atomically(output_path,
+                         ({**ex, "score": float(s)} for (_, ex), s in zip(examples, scores)))
+  return scores
+
