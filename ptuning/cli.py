@@ -32,6 +32,38 @@ def _add_info(sub):
   p.set_defaults(run=run_info)
 
 
+def _add_bench(sub):
+  from ptuning import bench  # stdlib-only at import; JAX / torch load when it runs
+  p = sub.add_parser("bench", help="time one prompt-tuning train step (optionally vs HF PEFT)")
+  bench.add_arguments(p)
+  p.set_defaults(run=bench.run)
+
+
+def _add_gin_commands(sub):
+  for name, help_text in (("train", "train (or resume) a prompt / method on a task"),
+                          ("eval", "evaluate the latest checkpoint in MODEL_DIR"),
+                          ("infer", "write predictions of the latest checkpoint as jsonl")):
+    p = sub.add_parser(name, help=help_text,
+                       description="Configured by --gin_file=FILE (repeatable, searched in "
+                       "gin_configs/) and --gin.NAME=value bindings (T5X macro names).")
+    if name == "infer":
+      p.add_argument("--output", required=True, help="predictions jsonl")
+    p.set_defaults(run=run_gin_command)
+
+
+def run_gin_command(args) -> int:
+  from ptuning import gin_setup
+  from ptuning.train import loop
+  config = gin_setup.load_config(args.gin_files, args.gin_bindings)
+  if args.command == "train":
+    loop.train(config)
+  elif args.command == "eval":
+    loop.run_eval(config)
+  else:
+    loop.run_infer(config, args.output)
+  return 0
+
+
 def _default_vocab(checkpoint: str) -> str | None:
   for directory in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
     candidate = os.path.join(directory, "spiece.model")
@@ -90,11 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   _add_score(sub)
   _add_info(sub)
+  _add_bench(sub)
+  _add_gin_commands(sub)
   return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  from ptuning.gin_setup import parse
+  gin_files, gin_bindings, rest = parse(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(rest)
+  if (gin_files or gin_bindings) and args.command not in ("train", "eval", "infer"):
+    raise SystemExit(f"--gin_file / --gin.* apply to train, eval and infer, not {args.command}")
+  args.gin_files, args.gin_bindings = gin_files, gin_bindings
   return args.run(args)
 
 

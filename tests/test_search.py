@@ -129,8 +129,12 @@ def test_beam_scores_are_normalised_log_likelihoods(models, inputs, style):
   flat = jnp.asarray(tokens).reshape(-1, MAX_NEW)
   logits = EncoderDecoder(cfg).apply({"params": params}, jnp.repeat(jnp.asarray(inputs), BEAMS, 0),
                                      decoding.shift_right(flat))
-  log_likelihood = np.asarray(decoding.sequence_log_likelihood(logits, flat))
-  length = generated_lengths(np.asarray(flat)).astype(np.float64)
+  # Token 0 may be generated too (sequence_log_likelihood would skip it): mask by length instead.
+  log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  picked = np.take_along_axis(log_probs, np.asarray(flat)[..., None], axis=-1)[..., 0]
+  length = generated_lengths(np.asarray(flat))
+  log_likelihood = np.where(np.arange(MAX_NEW) < length[:, None], picked, 0.0).sum(-1)
+  length = length.astype(np.float64)
   penalty = length ** alpha if style == "hf" else ((5 + length) / 6) ** alpha
   np.testing.assert_allclose(np.asarray(scores).reshape(-1), log_likelihood / penalty, atol=1e-4)
   with pytest.raises(ValueError, match="length_penalty_style"):

@@ -1,0 +1,330 @@
+"""`ptuning bench`: time one prompt-tuning train step, optionally against HF PEFT in PyTorch.
+
+Ours is the experiment's own jitted train step (`build_experiment` with a random backbone from a
+preset, `PromptTuning(length=P)`, Adafactor), lowered and compiled once and then called on
+`warmup + steps` different random batches `[B, L]` / `[B, T]`, blocking on its outputs each step.
+`--vs peft` runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with the
+same sizes and batches in a subprocess (`python -m ptuning.bench --_peft_worker SPEC`), so the two
+processes' peak RSS are measured apart. Both are scored against one analytic FLOP count
+(`prompt_tuning_step_flops`) and one peak: measured (a large matmul) on CPU, datasheet on GPU.
+
+This module imports only the standard library at the top, so the PEFT worker never loads JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+# Datasheet dense peaks, FLOP/s, by (device-kind substring, dtype); first match wins.
+GPU_PEAKS = (("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
+             ("H100", {"bfloat16": 989e12, "float32": 67e12}),
+             ("H200", {"bfloat16": 989e12, "float32": 67e12}),
+             ("A100", {"bfloat16": 312e12, "float32": 19.5e12}))
+PEAK_MATMUL = 2048  # CPU peak: best of several jitted [n, n] @ [n, n] products
+
+
+def prompt_tuning_step_flops(cfg, batch: int, inputs: int, targets: int, prompt: int) -> dict:
+  """Matmul FLOPs (2*m*n*k each) of one frozen-backbone prompt-tuning step.
+
+  Encoder over `S = prompt + inputs` tokens per layer: Q/K/V/O projections `4 * 2*S*d*h`,
+  scores and weighted sum `2 * 2*S*S*h`, MLP `(3 if gated else 2) * 2*S*d*f`. Decoder over `T`
+  tokens per layer: self-attention as above with `T`, cross-attention Q/O `2 * 2*T*d*h`, K/V of
+  the encoder outputs `2 * 2*S*d*h`, scores and weighted sum `2 * 2*T*S*h`, MLP. LM head
+  `2*T*d*V`. `d = d_model`, `h = num_heads * d_kv`, `f = d_ff`, all times `batch`.
+  Backward = forward: only input gradients flow through the frozen backbone (no weight
+  gradients), one matmul per forward matmul. (Attention's activation-by-activation products
+  really need two in backward; the convention here ignores that, a few % for long inputs.)
+  Returns `{'forward', 'backward', 'total'}` in FLOPs.
+  """
+  d, h, f, v = cfg.d_model, cfg.inner_dim, cfg.d_ff, cfg.vocab_size
+  s, t = prompt + inputs, targets
+  mlp = (3 if cfg.gated else 2) * 2 * d * f  # per token
+  proj = 2 * d * h  # one [d, h] projection, per token
+  encoder = s * (4 * proj + mlp) + 2 * 2 * s * s * h
+  decoder = (t * (4 * proj + mlp) + 2 * 2 * t * t * h  # self-attention and MLP
+             + t * 2 * proj + s * 2 * proj + 2 * 2 * t * s * h)  # cross-attention
+  forward = batch * (cfg.num_encoder_layers * encoder + cfg.num_decoder_layers * decoder
+                     + 2 * t * d * v)
+  return {"forward": forward, "backward": forward, "total": 2 * forward}
+
+
+def cpu_model_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident set size: `VmHWM`, else `ru_maxrss` (which, on Linux, keeps
+  the parent's peak across fork + exec, so it would credit the PEFT worker with ours)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def random_batches(n: int, batch: int, inputs: int, targets: int, vocab: int, seed: int = 0
+                   ) -> list[dict]:
+  """`n` full (unpadded) int32 batches: encoder `[B, L]`, decoder inputs/targets/weights `[B, T]`."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    enc = rng.integers(2, vocab, (batch, inputs), dtype=np.int32)
+    tgt = rng.integers(2, vocab, (batch, targets), dtype=np.int32)
+    enc[:, -1] = tgt[:, -1] = 1  # EOS
+    dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
+    out.append({"encoder_input_tokens": enc, "decoder_input_tokens": dec,
+                "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)})
+  return out
+
+
+def time_steps(step: Callable[[Any], None], batches: list, warmup: int) -> list[float]:
+  """Seconds of each `step(batch)` after the first `warmup` (`step` must block until done)."""
+  times = []
+  for i, batch in enumerate(batches):
+    start = time.perf_counter()
+    step(batch)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times
+
+
+def _summary(times: list[float], flops: dict, spec: dict) -> dict:
+  median = statistics.median(times)
+  tokens = spec["batch"] * (spec["inputs"] + spec["targets"])
+  return {"step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
+          "step_s_all": times, "tokens_per_s": tokens / median,
+          "tokens_per_s_with_prompt": (tokens + spec["batch"] * spec["prompt"]) / median,
+          "flops_per_s": flops["total"] / median}
+
+
+def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
+  """(FLOP/s, how it was found): datasheet for known GPUs, a timed matmul on CPU."""
+  device = jax.devices()[0]
+  if device.platform == "gpu":
+    for name, peaks in GPU_PEAKS:
+      if name in device.device_kind:
+        return peaks[dtype], f"datasheet {name} {dtype} dense"
+    return None, f"unknown peak for {device.device_kind}"
+  import jax.numpy as jnp
+  best = {}
+  for dt in sorted({"float32", dtype}):
+    a = jax.random.normal(jax.random.key(0), (PEAK_MATMUL, PEAK_MATMUL), dt)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best[dt] = min(time_steps(lambda _: dot(a, a).block_until_ready(), [None] * 5, 0))
+  dt = min(best, key=best.get)
+  return (2 * PEAK_MATMUL**3 / best[dt],
+          f"measured: best {PEAK_MATMUL}^3 {dt} jnp.dot on {os.cpu_count()} cores")
+
+
+def bench_ours(spec: dict, flops: dict) -> dict:
+  """Builds the experiment and times its compiled train step; hardware and peak included."""
+  import jax
+  from ptuning import sharding
+  from ptuning.data.batches import to_global_batch
+  from ptuning.prompts.vanilla import PromptTuning
+  from ptuning.train.experiment import TrainConfig, build_experiment
+
+  device = jax.devices()[0]
+  peak, peak_source = _peak_flops(jax, spec["dtype"])
+  hardware = {"jax": jax.__version__, "backend": jax.default_backend(),
+              "device_kind": device.device_kind, "devices": jax.device_count(),
+              "cpu": cpu_model_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+              "peak_flops": peak, "peak_source": peak_source}
+  rss_before = peak_rss_bytes()
+  with tempfile.TemporaryDirectory() as tmp:
+    exp = build_experiment(TrainConfig(
+        model_dir=tmp, model=spec["model"], initial_checkpoint_path=None,
+        method=PromptTuning(length=spec["prompt"]), batch_size=spec["batch"],
+        task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
+        dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
+        mesh=sharding.parse_mesh_spec(spec["mesh"])))
+  batches = [to_global_batch(b, exp.mesh) for b in random_batches(
+      spec["warmup"] + spec["steps"], spec["batch"], spec["inputs"], spec["targets"],
+      exp.model.vocab_size)]
+  state, rng = exp.init_state(), jax.random.key(1)
+  start = time.perf_counter()
+  compiled = exp.train_step_fn(batches[0]).lower(state, exp.frozen, batches[0], rng).compile()
+  compile_s = time.perf_counter() - start
+  analysis = compiled.memory_analysis()
+  memory = {k: int(getattr(analysis, f"{k}_size_in_bytes", 0) or 0)
+            for k in ("argument", "output", "alias", "temp")} if analysis else {}
+
+  def step(batch):
+    nonlocal state, metrics
+    state, metrics = compiled(state, exp.frozen, batch, rng)
+    jax.block_until_ready((state, metrics))
+
+  metrics = None
+
+  out = _summary(time_steps(step, batches, spec["warmup"]), flops, spec)
+  stats = device.memory_stats() or {}
+  out.update(mesh=dict(exp.mesh.shape), compile_s=compile_s, compiled_memory=memory, rss_before_build=rss_before,
+             peak_rss=peak_rss_bytes(), device_peak_bytes=stats.get("peak_bytes_in_use"),
+             loss=float(metrics["loss"]) / float(metrics["weight_sum"]))
+  return {"hardware": hardware, "ours": out}
+
+
+def peft_worker(spec: dict) -> dict:
+  """The PEFT side (runs in its own process): HF T5 + PromptTuningConfig, same sizes/batches."""
+  import peft
+  import torch
+  import transformers
+  from ptuning.checkpoints.hf import t5_config_to_hf_dict
+  from ptuning.model.config import get_preset
+
+  torch.set_num_threads(os.cpu_count())
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  rss_before = peak_rss_bytes()
+  torch.manual_seed(0)
+  cfg = get_preset(spec["model"]).replace(dropout_rate=0.0)
+  model = transformers.T5ForConditionalGeneration(transformers.T5Config(**t5_config_to_hf_dict(cfg)))
+  if not cfg.tie_embeddings:  # transformers 5 ties lm_head to shared at construction
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+  model = peft.get_peft_model(model, peft.PromptTuningConfig(
+      task_type="SEQ_2_SEQ_LM", num_virtual_tokens=spec["prompt"], num_transformer_submodules=1))
+  model.to(dev).train()
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(trainable, lr=0.3)
+  autocast = torch.autocast(dev.type, torch.bfloat16, enabled=spec["dtype"] == "bfloat16")
+  batches = [{k: torch.as_tensor(v, dtype=torch.long, device=dev) for k, v in b.items()}
+             for b in random_batches(spec["warmup"] + spec["steps"], spec["batch"],
+                                     spec["inputs"], spec["targets"], cfg.vocab_size)]
+  losses = []
+
+  def step(b):
+    optimizer.zero_grad(set_to_none=True)
+    with autocast:
+      loss = model(input_ids=b["encoder_input_tokens"], attention_mask=torch.ones_like(
+          b["encoder_input_tokens"]), decoder_input_ids=b["decoder_input_tokens"],
+                   labels=b["decoder_target_tokens"]).loss
+    loss.backward()
+    optimizer.step()
+    losses.append(loss.item())  # synchronises on GPU
+
+  times = time_steps(step, batches, spec["warmup"])
+  flops = prompt_tuning_step_flops(cfg, spec["batch"], spec["inputs"], spec["targets"],
+                                   spec["prompt"])
+  out = _summary(times, flops, spec)
+  out.update(torch=torch.__version__, transformers=transformers.__version__,
+             peft=peft.__version__, threads=torch.get_num_threads(), device=str(dev),
+             trainable_params=sum(p.numel() for p in trainable), rss_before_build=rss_before,
+             peak_rss=peak_rss_bytes(), loss=losses[-1],
+             device_peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)
+  return out
+
+
+def run_peft(spec: dict) -> dict:
+  """`peft_worker(spec)` in a fresh Python process; its last stdout line is the JSON result."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+  proc = subprocess.run([sys.executable, "-m", "ptuning.bench", "--_peft_worker", json.dumps(spec)],
+                        capture_output=True, text=True, env=env)
+  if proc.returncode:
+    raise RuntimeError(f"PEFT worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _gib(n: int | None) -> str:
+  return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _row(name: str, r: dict, peak: float | None) -> str:
+  fraction = f"{100 * r['flops_per_s'] / peak:.1f}%" if peak else "n/a"
+  return (f"{name:<6}{r['step_s_median']:>12.4f}{r['step_s_min']:>10.4f}{r['tokens_per_s']:>12,.0f}"
+          f"{r['tokens_per_s_with_prompt']:>14,.0f}{r['flops_per_s'] / 1e9:>11.2f}{fraction:>9}"
+          f"{r['peak_rss'] / 2**30:>13.2f}")
+
+
+def run(args) -> int:
+  """The `bench` command: prints the report, writes `--json`."""
+  if args.method != "prompt_tuning":
+    raise SystemExit(f"bench supports --method prompt_tuning only, not {args.method!r}")
+  from ptuning.model.config import get_preset
+  spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
+                                        "warmup", "dtype", "method", "mesh")}
+  flops = prompt_tuning_step_flops(get_preset(args.model), args.batch, args.inputs, args.targets,
+                                   args.prompt)
+  print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()), flush=True)
+  load_average = os.getloadavg()[0]
+  # PEFT first, in its own process, while this one holds no JAX memory (GPU preallocation).
+  peft_result = run_peft(spec) if args.vs == "peft" else None
+  result = bench_ours(spec, flops)
+  hw, ours = result["hardware"], result["ours"]
+  hw["load_average"], peak = load_average, hw["peak_flops"]
+  print(f"hardware: jax {hw['jax']} {hw['backend']} backend, {hw['devices']} x {hw['device_kind']}"
+        f" | CPU: {hw['cpu']} | {hw['cores']} cores | load average {load_average:.2f}")
+  print(f"analytic FLOPs/step: forward {flops['forward'] / 1e9:.4g} G + backward "
+        f"{flops['backward'] / 1e9:.4g} G = {flops['total'] / 1e9:.4g} GFLOP")
+  print("peak: " + (f"{peak / 1e9:,.1f} GFLOP/s" if peak else "unknown") + f" ({hw['peak_source']})")
+  mem = ours["compiled_memory"]
+  print(f"ours: mesh {ours['mesh']} | compile {ours['compile_s']:.1f} s | compiled step memory: " +
+        ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()) +
+        f" | peak RSS {_gib(ours['peak_rss'])} ({_gib(ours['rss_before_build'])} after imports)"
+        + (f" | device peak {_gib(ours['device_peak_bytes'])}" if ours["device_peak_bytes"] else ""))
+  if peft_result:
+    print(f"peft: torch {peft_result['torch']} ({peft_result['threads']} threads, "
+          f"{peft_result['device']}), transformers {peft_result['transformers']}, peft "
+          f"{peft_result['peft']} | peak RSS {_gib(peft_result['peak_rss'])} "
+          f"({_gib(peft_result['rss_before_build'])} after imports)" +
+          (f" | device peak {_gib(peft_result['device_peak_bytes'])}"
+           if peft_result["device_peak_bytes"] else ""))
+  print(f"\n{'impl':<6}{'step med s':>12}{'min s':>10}{'tokens/s':>12}{'+prompt tok/s':>14}"
+        f"{'GFLOP/s':>11}{'of peak':>9}{'peak RSS GiB':>13}")
+  print(_row("ours", ours, peak))
+  speedup = None
+  if peft_result:
+    print(_row("peft", peft_result, peak))
+    speedup = peft_result["step_s_median"] / ours["step_s_median"]
+    print(f"speedup vs peft: {speedup:.2f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"config": spec, "hardware": hw, "flops": flops, "ours": ours, "peft": peft_result,
+                 "speedup_vs_peft": speedup}, f, indent=2)
+  return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", required=True, help="preset name, e.g. t5_1_1_small")
+  p.add_argument("--batch", type=int, required=True)
+  p.add_argument("--inputs", type=int, required=True, help="encoder input length L")
+  p.add_argument("--targets", type=int, required=True, help="decoder length T")
+  p.add_argument("--prompt", type=int, required=True, help="prompt length P")
+  p.add_argument("--steps", type=int, default=10, help="timed steps")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--method", default="prompt_tuning", choices=("prompt_tuning",))
+  p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
+  p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
+  p.add_argument("--json", default=None, help="write every figure here")
+
+
+if __name__ == "__main__":
+  if len(sys.argv) == 3 and sys.argv[1] == "--_peft_worker":
+    print(json.dumps(peft_worker(json.loads(sys.argv[2]))))
+  else:
+    parser = argparse.ArgumentParser(prog="python -m ptuning.bench")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

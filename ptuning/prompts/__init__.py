@@ -1,0 +1,1 @@
+"""Prompt methods: trainable trees combined with the frozen backbone's input embeddings."""

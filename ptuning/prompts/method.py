@@ -1,0 +1,70 @@
+"""The seam every prompt method plugs into, and the prompted forward pass built on it.
+
+The full parameter tree is `{'backbone': <frozen T5 params>, <method's own subtrees>}`; a method's
+`trainable` regex picks what the optimizer updates (vanilla: `^prompt/`; full fine-tuning:
+`^backbone/`). The trainer never knows which method it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from ptuning.model.config import T5Config
+from ptuning.model.t5 import EncoderDecoder
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+class PromptMethod(Protocol):
+  """A method: its trainable tree, how it changes the encoder inputs, and the trainable rule."""
+
+  name: str
+  trainable_pattern: str  # regex over '/'-joined paths of the full tree
+
+  def init(self, rng: jax.Array, backbone_params: Params) -> Params:
+    """The method's subtrees (merged beside 'backbone' in the full tree)."""
+
+  def logical_axes(self) -> Params:
+    """Logical PartitionSpecs for the method's subtrees (same structure as `init`)."""
+
+  def apply(self, params: Params, embeds: Array, mask: Array,
+            task_ids: Array | None = None) -> tuple[Array, Array]:
+    """`embeds [B, L, E]`, `mask [B, L]` -> (`[B, L', E]`, `[B, L']`) fed to the encoder."""
+
+
+def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, tokens: Array,
+                    rng: jax.Array | None = None, task_ids: Array | None = None
+                    ) -> tuple[Array, Array]:
+  """`tokens [B, L]` -> (encoded `[B, L', E]`, encoder mask `[B, L']`) with the method applied."""
+  deterministic = rng is None
+  model = EncoderDecoder(cfg, deterministic=deterministic)
+  backbone = {"params": params["backbone"]}
+  embeds = model.apply(backbone, tokens, method=EncoderDecoder.embed)
+  mask = tokens > 0
+  if method is not None:
+    embeds, mask = method.apply(params, embeds, mask, task_ids)
+  rngs = None if deterministic else {"dropout": rng}
+  encoded = model.apply(backbone, embeds, mask, method=EncoderDecoder.encode_embeddings, rngs=rngs)
+  return encoded, mask
+
+
+def prompted_logits(cfg: T5Config, method: PromptMethod | None, params: Params, tokens: Array,
+                    decoder_input_tokens: Array, rng: jax.Array | None = None,
+                    task_ids: Array | None = None) -> Array:
+  """Teacher-forced logits `[B, T, V]` (float32) of the prompted model."""
+  deterministic = rng is None
+  enc_rng, dec_rng = (None, None) if deterministic else jax.random.split(rng)
+  encoded, mask = prompted_encode(cfg, method, params, tokens, enc_rng, task_ids)
+  model = EncoderDecoder(cfg, deterministic=deterministic)
+  rngs = None if deterministic else {"dropout": dec_rng}
+  return model.apply({"params": params["backbone"]}, encoded, mask, decoder_input_tokens,
+                     method=EncoderDecoder.decode_logits, rngs=rngs)
+
+
+def broadcast_rows(rows: Array, batch: int, dtype) -> Array:
+  """`[P, E]` -> `[batch, P, E]` in `dtype`."""
+  return jnp.broadcast_to(rows.astype(dtype)[None], (batch,) + rows.shape)

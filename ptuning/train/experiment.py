@@ -1,0 +1,168 @@
+"""What a run is made of: mesh, frozen backbone, method, optimizer, shardings, jitted step.
+
+`TrainConfig` is the one configurable (gin binds it at the edges, see ptuning/gin_bindings.py);
+`build_experiment` turns it into concrete, sharded objects. Used by train, eval, infer and bench.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import optax
+
+from ptuning import param_tree, sharding
+from ptuning.checkpoints.load import load_backbone
+from ptuning.checkpoints.train_state import TrainState
+from ptuning.model import build
+from ptuning.model.config import T5Config, get_preset
+from ptuning.prompts.method import PromptMethod
+from ptuning.prompts.vanilla import PromptTuning
+from ptuning.train import optim
+from ptuning.train.step import StepSpec, init_train_state, make_train_step
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """A run. Names follow T5X's gin macros where T5X has one (see gin_configs/runs/)."""
+
+  model_dir: str
+  mixture_or_task_name: str = ""
+  task_feature_lengths: dict = dataclasses.field(
+      default_factory=lambda: {"inputs": 256, "targets": 8})
+  initial_checkpoint_path: str | None = None  # HF or T5X backbone; None: random (tests, bench)
+  model: str | T5Config | None = None  # preset, checked against the checkpoint
+  vocabulary_path: str | None = None
+  method: PromptMethod | None = dataclasses.field(default_factory=PromptTuning)
+  trainable_pattern: str | None = None  # default: the method's rule
+  train_steps: int = 100
+  batch_size: int = 32
+  microbatches: int = 1
+  optimizer: str = "adafactor"
+  learning_rate: float = 0.3
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  loss_normalizing_factor: Any = None
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  eval_every: int = 0  # 0: only at the end
+  eval_split: str = "validation"
+  eval_max_examples: int = 0  # 0: all
+  decode_method: str = "greedy"
+  max_decode_length: int = 0  # 0: task_feature_lengths['targets']
+
+
+@dataclasses.dataclass
+class Experiment:
+  config: TrainConfig
+  mesh: jax.sharding.Mesh
+  rules: Any
+  model: T5Config
+  method: PromptMethod | None
+  rule: param_tree.TrainableRule
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  spec: StepSpec
+  frozen: Any  # the frozen part of the full tree, sharded
+  trainable_init: Any  # fresh trainable tree, sharded (used unless a checkpoint is restored)
+  state_shardings: Any
+  frozen_shardings: Any
+  backbone_path: str | None
+
+  @property
+  def replicated(self):
+    return sharding.replicated(self.mesh)
+
+  def batch_shardings(self, batch: dict) -> dict:
+    return {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in batch.items()}
+
+  @functools.cached_property
+  def abstract_state(self) -> TrainState:
+    return jax.eval_shape(functools.partial(init_train_state, optimizer=self.optimizer),
+                          self.trainable_init)
+
+  def init_state(self) -> TrainState:
+    init = jax.jit(init_train_state, static_argnums=1, out_shardings=self.state_shardings)
+    return init(self.trainable_init, self.optimizer)
+
+  def train_step_fn(self, batch: dict):
+    return make_train_step(self.spec, self.state_shardings, self.frozen_shardings,
+                           self.batch_shardings(batch), self.replicated)
+
+  def full_params(self, state: TrainState) -> Any:
+    return param_tree.merge(state.params, self.frozen)
+
+
+def _model_overrides(config: TrainConfig) -> dict:
+  """Run-level numerics applied on top of the checkpoint's or preset's shapes."""
+  return dict(dropout_rate=config.dropout_rate, dtype=config.dtype,
+              scan_layers=config.scan_layers, remat_policy=config.remat_policy)
+
+
+def _optimizer_state_shardings(optimizer, abstract_params, params_shardings, replicated):
+  """Optimizer slots shaped like a parameter take its sharding; the rest are replicated."""
+  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+  same_shape = lambda slot, param, s: s if slot.shape == param.shape else replicated
+  return optax.tree_map_params(optimizer, same_shape, abstract_state, abstract_params,
+                               params_shardings, transform_non_params=lambda _: replicated)
+
+
+def build_experiment(config: TrainConfig, devices=None) -> Experiment:
+  """Concrete, sharded run objects; `devices` defaults to every device."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_for(config.mesh)
+  overrides = _model_overrides(config)
+  rng = jax.random.key(config.seed)
+  if config.initial_checkpoint_path:
+    model, backbone = load_backbone(config.initial_checkpoint_path, mesh, config.model, rules,
+                                    **overrides)
+  else:
+    if config.model is None:
+      raise ValueError("set INITIAL_CHECKPOINT_PATH (a backbone checkpoint) or a model preset")
+    model = (get_preset(config.model) if isinstance(config.model, str) else config.model)
+    model = model.replace(**overrides)
+    backbone = build.init_params(model, jax.random.fold_in(rng, 1), mesh, rules)
+  backbone_shardings = build.param_shardings(model, mesh, rules)
+
+  method = config.method
+  full, full_shardings = {"backbone": backbone}, {"backbone": backbone_shardings}
+  if method is not None:
+    method_init = jax.jit(functools.partial(method.init),
+                          out_shardings=sharding.logical_to_sharding(method.logical_axes(), mesh, rules))
+    full.update(method_init(jax.random.fold_in(rng, 2), backbone))
+    full_shardings.update(sharding.logical_to_sharding(method.logical_axes(), mesh, rules))
+  rule = param_tree.TrainableRule(config.trainable_pattern or
+                                  (method.trainable_pattern if method else r"^backbone/"))
+  trainable, frozen = param_tree.split(full, rule)
+  trainable_shardings, frozen_shardings = param_tree.split(full_shardings, rule)
+
+  schedule = optim.make_schedule(config.schedule, config.learning_rate, config.warmup_steps,
+                                 config.train_steps)
+  optimizer = optim.make_optimizer(config.optimizer, schedule, **config.optimizer_kwargs)
+  replicated = sharding.replicated(mesh)
+  abstract_trainable = jax.eval_shape(lambda t: t, trainable)
+  state_shardings = TrainState(
+      step=replicated, params=trainable_shardings,
+      opt_state=_optimizer_state_shardings(optimizer, abstract_trainable, trainable_shardings,
+                                           replicated))
+  spec = StepSpec(model=model, method=method, optimizer=optimizer, z_loss=config.z_loss,
+                  label_smoothing=config.label_smoothing,
+                  loss_normalizing_factor=config.loss_normalizing_factor,
+                  microbatches=config.microbatches)
+  return Experiment(config=config, mesh=mesh, rules=rules, model=model, method=method, rule=rule,
+                    optimizer=optimizer, schedule=schedule, spec=spec, frozen=frozen, trainable_init=trainable,
+                    state_shardings=state_shardings, frozen_shardings=frozen_shardings,
+                    backbone_path=config.initial_checkpoint_path)
+

@@ -1,0 +1,72 @@
+"""`ptuning bench`: the analytic FLOP count, and one tiny run against HF PEFT."""
+
+import json
+import re
+
+import pytest
+
+from ptuning.bench import prompt_tuning_step_flops
+from ptuning.model.config import T5Config, get_preset
+
+
+def _hand_count_config(feed_forward: str) -> T5Config:
+  return T5Config(vocab_size=10, d_model=4, d_kv=2, num_heads=2, d_ff=6, num_encoder_layers=1,
+                  num_decoder_layers=1, feed_forward=feed_forward)
+
+
+@pytest.mark.parametrize("feed_forward, per_example", [("gated-gelu", 2144), ("relu", 1904)])
+def test_flops_match_a_hand_count(feed_forward, per_example):
+  # d=4, h=heads*d_kv=4, f=6, V=10; S = prompt 1 + inputs 2 = 3 encoder tokens, T = 2.
+  # Encoder: Q/K/V/O 4 * 2*3*4*4 = 384; scores + weighted sum 2 * (2 heads * 2*3*3*2) = 144;
+  #   MLP wi_0/wi_1/wo 3 * 2*3*4*6 = 432 (relu: 2 matmuls, 288)      -> 960 (816)
+  # Decoder: self Q/K/V/O 4 * 2*2*4*4 = 256; self scores + sum 2 * (2 * 2*2*2*2) = 64;
+  #   cross Q/O 2 * 2*2*4*4 = 128; cross K/V on S 2 * 2*3*4*4 = 192;
+  #   cross scores + sum 2 * (2 * 2*2*3*2) = 96; MLP 3 * 2*2*4*6 = 288 (relu 192)
+  #                                                                   -> 1024 (928)
+  # LM head 2*2*4*10 = 160.
+  flops = prompt_tuning_step_flops(_hand_count_config(feed_forward), batch=3, inputs=2,
+                                   targets=2, prompt=1)
+  assert flops == {"forward": 3 * per_example, "backward": 3 * per_example,
+                   "total": 6 * per_example}
+
+
+def test_flops_of_the_t5_1_1_small_reference():
+  # The issue's figure: T5 1.1 small, batch 8, inputs 256, prompt 100, targets 8 ~ 286 GFLOP.
+  flops = prompt_tuning_step_flops(get_preset("t5_1_1_small"), 8, 256, 8, 100)
+  assert flops["forward"] == pytest.approx(143e9, rel=0.01)
+  assert flops["total"] == pytest.approx(286e9, rel=0.01)
+
+
+def _row(output: str, name: str) -> list[str]:
+  lines = [line.split() for line in output.splitlines() if line.startswith(name + " ")]
+  assert len(lines) == 1, output
+  return lines[0]
+
+
+def test_bench_tiny_against_peft(tmp_path, capsys):
+  from ptuning.cli import main
+  out_json = tmp_path / "bench.json"
+  # conftest fakes 8 CPU devices: batch 2 shards over data=2 (the tiny model's 4 heads over 4).
+  assert main(["bench", "--model", "tiny_t5_1_1", "--batch", "2", "--inputs", "16",
+               "--targets", "4", "--prompt", "4", "--steps", "2", "--warmup", "1",
+               "--mesh", "data=2,model=4", "--vs", "peft", "--json", str(out_json)]) == 0
+  output = capsys.readouterr().out
+  result = json.loads(out_json.read_text())
+  assert "hardware: jax" in output and "analytic FLOPs/step" in output
+  assert result["config"]["prompt"] == 4 and result["flops"]["total"] > 0
+  assert result["hardware"]["peak_flops"] > 0
+  for name in ("ours", "peft"):
+    cells = _row(output, name)
+    step_s, fraction = float(cells[1]), cells[6]
+    assert step_s > 0
+    assert re.fullmatch(r"\d+\.\d%", fraction), cells
+    assert step_s == pytest.approx(result[name]["step_s_median"], abs=1e-4)
+    assert float(fraction[:-1]) == pytest.approx(
+        100 * result[name]["flops_per_s"] / result["hardware"]["peak_flops"], abs=0.05)
+    assert len(result[name]["step_s_all"]) == 2 and result[name]["peak_rss"] > 0
+  assert result["ours"]["compiled_memory"]["argument"] > 0
+  match = re.search(r"^speedup vs peft: (\d+\.\d\d)$", output, re.M)
+  assert match and float(match.group(1)) > 0
+  assert float(match.group(1)) == pytest.approx(result["speedup_vs_peft"], abs=0.005)
+  assert result["speedup_vs_peft"] == pytest.approx(
+      result["peft"]["step_s_median"] / result["ours"]["step_s_median"])
