@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
+from ptuning.data.jsonl import parse_jsonl_line
 from ptuning.model import decoding
 from ptuning.model.config import T5Config
 from ptuning.model.t5 import EncoderDecoder
@@ -26,25 +27,12 @@ LENGTH_BUCKET = 16  # pad lengths up to a multiple of this, so few shapes are co
 def read_jsonl_examples(path: str) -> list[tuple[int, dict[str, Any]]]:
   """(line number, example) for every line; errors name `file:line` and the field at fault."""
   examples = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, "rb") as f:
     for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        example = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_number}: invalid JSON ({e.msg})") from None
-      if not isinstance(example, dict):
-        raise ValueError(f"{path}:{line_number}: expected a JSON object")
-      for field in ("inputs", "targets"):
-        if field not in example:
-          raise ValueError(f"{path}:{line_number}: missing field {field!r}")
-        value = example[field]
-        if not (isinstance(value, str) or (isinstance(value, list)
-                                           and all(isinstance(t, int) for t in value))):
-          raise ValueError(f"{path}:{line_number}: field {field!r} must be text or a list of "
-                           "token ids")
-      examples.append((line_number, example))
+      example = parse_jsonl_line(line, path, line_number, allow_token_ids=True,
+                                 keep_other_fields=True)
+      if example is not None:
+        examples.append((line_number, example))
   if not examples:
     raise ValueError(f"{path}: no examples")
   return examples

@@ -68,7 +68,7 @@ def test_score_rejects_bad_lines_and_keeps_output(tmp_path, shared_data):
   checkpoint = str(shared_data / T5X_TINY)
   (tmp_path / "out.jsonl").write_text("precious\n")
   (tmp_path / "bad.jsonl").write_text('{"inputs": [5, 1], "targets": [6, 1]}\n{"inputs": [5, 1]}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'targets'"):
+  with pytest.raises(ValueError, match=r"bad.jsonl:2: missing required field 'targets'"):
     cli.main(["score", "--checkpoint", checkpoint, "--inputs", str(tmp_path / "bad.jsonl"),
               "--output", str(tmp_path / "out.jsonl")])
   assert (tmp_path / "out.jsonl").read_text() == "precious\n"

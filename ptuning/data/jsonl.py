@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import seqio
 import tensorflow as tf
@@ -28,8 +29,13 @@ _REGISTERED: dict[str, tuple[tuple[tuple[str, str], ...], seqio.Vocabulary]] = {
 PathOrSplits = str | os.PathLike | Mapping[str, str | os.PathLike]
 
 
-def parse_jsonl_line(line: bytes | str, path: str, lineno: int) -> dict[str, str] | None:
-  """The `inputs`/`targets` of one jsonl line (None for a blank line); ValueError names `path:lineno`."""
+def parse_jsonl_line(line: bytes | str, path: str, lineno: int, allow_token_ids: bool = False,
+                     keep_other_fields: bool = False) -> dict[str, Any] | None:
+  """The `inputs`/`targets` of one jsonl line (None for a blank line); ValueError names `path:lineno`.
+
+  `allow_token_ids` also accepts lists of ints as field values (`ptuning score`);
+  `keep_other_fields` returns the whole record.
+  """
   where = f"{path}:{lineno}"
   if isinstance(line, bytes):
     try:
@@ -44,14 +50,17 @@ def parse_jsonl_line(line: bytes | str, path: str, lineno: int) -> dict[str, str
     raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
   if not isinstance(record, dict):
     raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-  example = {}
+  example = dict(record) if keep_other_fields else {}
   for key in JSONL_FIELDS:
     if key not in record:
       raise ValueError(f"{where}: missing required field {key!r} (fields: {sorted(record)})")
-    if not isinstance(record[key], str):
-      raise ValueError(f"{where}: field {key!r} must be a string, got "
-                       f"{type(record[key]).__name__}")
-    example[key] = record[key]
+    value = record[key]
+    is_ids = (allow_token_ids and isinstance(value, list)
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in value))
+    if not (isinstance(value, str) or is_ids):
+      kind = "a string or a list of token ids" if allow_token_ids else "a string"
+      raise ValueError(f"{where}: field {key!r} must be {kind}, got {type(value).__name__}")
+    example[key] = value
   return example
 
 

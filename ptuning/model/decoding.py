@@ -8,7 +8,7 @@ All functions are pure and jit-friendly; the key/value cache is the Flax 'cache'
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +58,12 @@ def decode_step(cfg: T5Config, params: Any, cache: Any, encoded: Array, encoder_
   return logits[:, -1], variables["cache"]
 
 
-def greedy_decode(cfg: T5Config, params: Any, encoded: Array, encoder_mask: Array,
-                  max_decode_length: int, eos_id: int = EOS_ID) -> Array:
-  """Greedy decoding with the cache -> `[B, max_decode_length]` ids, 0 after each EOS.
+def decode_loop(cfg: T5Config, params: Any, encoded: Array, encoder_mask: Array,
+                max_decode_length: int, choose: Callable[[Array, Array], Array],
+                eos_id: int = EOS_ID) -> Array:
+  """Token-by-token decoding with the cache -> `[B, max_decode_length]` ids, 0 after each EOS.
 
+  `choose(step, logits [B, V]) -> next ids [B]` picks each token (argmax, a sample, ...).
   Stops early once every sequence has produced EOS (a `lax.while_loop`).
   """
   batch = encoded.shape[0]
@@ -77,8 +79,15 @@ def greedy_decode(cfg: T5Config, params: Any, encoded: Array, encoder_mask: Arra
   def body(state):
     step, tokens, cache, output, done = state
     logits, cache = decode_step(cfg, params, cache, encoded, encoder_mask, tokens, max_decode_length)
-    next_tokens = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    next_tokens = jnp.where(done, 0, choose(step, logits).astype(jnp.int32))
     output = output.at[:, step].set(next_tokens)
     return step + 1, next_tokens, cache, output, done | (next_tokens == eos_id)
 
   return jax.lax.while_loop(cond, body, state)[3]
+
+
+def greedy_decode(cfg: T5Config, params: Any, encoded: Array, encoder_mask: Array,
+                  max_decode_length: int, eos_id: int = EOS_ID) -> Array:
+  """Greedy decoding with the cache -> `[B, max_decode_length]` ids, 0 after each EOS."""
+  return decode_loop(cfg, params, encoded, encoder_mask, max_decode_length,
+                     lambda step, logits: jnp.argmax(logits, axis=-1), eos_id)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ptuning.model.config import T5Config
-from ptuning.model.decoding import (DECODER_START_ID, EOS_ID, decode_step, greedy_decode,
+from ptuning.model.decoding import (DECODER_START_ID, EOS_ID, decode_loop, decode_step, greedy_decode,
                                     init_cache)
 
 Array = jax.Array
@@ -201,25 +201,9 @@ def sample(cfg: T5Config, params: Any, encoded: Array, encoder_mask: Array, max_
 
   Step `t` draws with `fold_in(rng, t)`; the loop stops once every row has produced EOS.
   """
-  batch = encoded.shape[0]
-  cache = init_cache(cfg, params, encoded, encoder_mask, max_decode_length)
-  output = jnp.zeros((batch, max_decode_length), jnp.int32)
-  state = (jnp.int32(0), jnp.full((batch,), DECODER_START_ID, jnp.int32), cache, output,
-           jnp.zeros((batch,), bool))
-
-  def cond(state):
-    step, _, _, _, done = state
-    return (step < max_decode_length) & ~jnp.all(done)
-
-  def body(state):
-    step, tokens, cache, output, done = state
-    logits, cache = decode_step(cfg, params, cache, encoded, encoder_mask, tokens, max_decode_length)
-    drawn = sample_logits(jax.random.fold_in(rng, step), logits, temperature, top_k, top_p)
-    next_tokens = jnp.where(done, 0, drawn)
-    output = output.at[:, step].set(next_tokens)
-    return step + 1, next_tokens, cache, output, done | (next_tokens == eos_id)
-
-  return jax.lax.while_loop(cond, body, state)[3]
+  choose = lambda step, logits: sample_logits(jax.random.fold_in(rng, step), logits, temperature,
+                                             top_k, top_p)
+  return decode_loop(cfg, params, encoded, encoder_mask, max_decode_length, choose, eos_id)
 
 
 _greedy = jax.jit(greedy_decode, static_argnames=("cfg", "max_decode_length", "eos_id"))

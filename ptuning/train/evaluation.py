@@ -21,6 +21,10 @@ from ptuning.prompts.method import prompted_encode
 from ptuning.train.experiment import Experiment, TrainConfig
 
 
+def eval_task_name(config: TrainConfig) -> str:
+  return config.eval_mixture_or_task_name or config.mixture_or_task_name
+
+
 def _pad_rows(rows: list[np.ndarray], batch: int, length: int) -> np.ndarray:
   out = np.zeros((batch, length), np.int32)
   for i, row in enumerate(rows):
@@ -48,12 +52,12 @@ def _text(ids: np.ndarray, vocab: seqio.Vocabulary) -> str:
 def predict(exp: Experiment, params: Any, config: TrainConfig, vocab: seqio.Vocabulary,
             **decode_kwargs) -> list[dict[str, Any]]:
   """One row per example: inputs, targets (text when the task keeps it) and the prediction."""
-  examples = make_eval_examples(config.mixture_or_task_name, config.eval_split,
+  examples = make_eval_examples(eval_task_name(config), config.eval_split,
                                 config.task_feature_lengths, vocab)
   if config.eval_max_examples:
     examples = examples[:config.eval_max_examples]
   if not examples:
-    raise ValueError(f"split {config.eval_split!r} of {config.mixture_or_task_name!r} is empty")
+    raise ValueError(f"split {config.eval_split!r} of {eval_task_name(config)!r} is empty")
   max_len = config.max_decode_length or config.task_feature_lengths["targets"]
   decode = make_decode_fn(exp, max_len, config.decode_method, **decode_kwargs)
   rows = []
@@ -73,7 +77,7 @@ def predict(exp: Experiment, params: Any, config: TrainConfig, vocab: seqio.Voca
 def evaluate(exp: Experiment, params: Any, config: TrainConfig, vocab: seqio.Vocabulary
              ) -> dict[str, float]:
   rows = predict(exp, params, config, vocab)
-  task = seqio.get_mixture_or_task(resolve_task(config.mixture_or_task_name, vocab))
+  task = seqio.get_mixture_or_task(resolve_task(eval_task_name(config), vocab))
   results = {"eval/exact_match": float(np.mean([r["prediction"] == r["targets"] for r in rows])),
              "eval/examples": float(len(rows))}
   tasks = task.tasks if isinstance(task, seqio.Mixture) else [task]

@@ -58,6 +58,7 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   eval_every: int = 0  # 0: only at the end
+  eval_mixture_or_task_name: str = ""  # default: the training task
   eval_split: str = "validation"
   eval_max_examples: int = 0  # 0: all
   decode_method: str = "greedy"
