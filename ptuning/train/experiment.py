@@ -45,6 +45,9 @@ class TrainConfig:
   schedule: str = "constant"
   warmup_steps: int = 0
   optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
+  # regex over trainable paths -> learning rate, e.g. DePT {'^prompt/lowrank_': 1e-4}; the
+  # first matching regex wins, other leaves use `learning_rate` (same optimizer and schedule).
+  group_learning_rates: dict = dataclasses.field(default_factory=dict)
   z_loss: float = 1e-4
   label_smoothing: float = 0.0
   loss_normalizing_factor: Any = None
@@ -120,6 +123,21 @@ def _optimizer_state_shardings(optimizer, abstract_params, params_shardings, rep
                                params_shardings, transform_non_params=lambda _: replicated)
 
 
+def _make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """The configured optimizer; with `group_learning_rates`, one copy per learning-rate group."""
+  if not config.group_learning_rates:
+    return optim.make_optimizer(config.optimizer, schedule, **config.optimizer_kwargs)
+  rules, patterns = {"default": optim.make_optimizer(config.optimizer, schedule,
+                                                     **config.optimizer_kwargs)}, []
+  for i, (pattern, lr) in enumerate(config.group_learning_rates.items()):
+    group_schedule = optim.make_schedule(config.schedule, lr, config.warmup_steps,
+                                         config.train_steps)
+    rules[f"group_{i}"] = optim.make_optimizer(config.optimizer, group_schedule,
+                                               **config.optimizer_kwargs)
+    patterns.append((pattern, f"group_{i}"))
+  return optim.multi_rate_optimizer(rules, patterns + [(".*", "default")])
+
+
 def build_experiment(config: TrainConfig, devices=None) -> Experiment:
   """Concrete, sharded run objects; `devices` defaults to every device."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -151,7 +169,7 @@ def build_experiment(config: TrainConfig, devices=None) -> Experiment:
 
   schedule = optim.make_schedule(config.schedule, config.learning_rate, config.warmup_steps,
                                  config.train_steps)
-  optimizer = optim.make_optimizer(config.optimizer, schedule, **config.optimizer_kwargs)
+  optimizer = _make_optimizer(config, schedule)
   replicated = sharding.replicated(mesh)
   abstract_trainable = jax.eval_shape(lambda t: t, trainable)
   state_shardings = TrainState(
