@@ -3,10 +3,11 @@
 Ours is the experiment's own jitted train step (`build_experiment` with a random backbone from a
 preset, `PromptTuning(length=P)`, Adafactor), lowered and compiled once and then called on
 `warmup + steps` different random batches `[B, L]` / `[B, T]`, blocking on its outputs each step.
-`--vs peft` runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with the
-same sizes and batches in a subprocess (`python -m ptuning.bench --_peft_worker SPEC`), so the two
-processes' peak RSS are measured apart. Both are scored against one analytic FLOP count
-(`prompt_tuning_step_flops`) and one peak: measured (a large matmul) on CPU, datasheet on GPU.
+`--vs peft` first runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with
+the same sizes and batches in a subprocess (`python -m ptuning.bench --_peft_worker SPEC`), so the
+two processes' peak RSS are measured apart and JAX holds no GPU memory meanwhile. Both are
+scored against one analytic FLOP count (`prompt_tuning_step_flops`) and one peak: measured (a
+large matmul) on CPU, datasheet on GPU.
 
 This module imports only the standard library at the top, so the PEFT worker never loads JAX.
 """
@@ -84,7 +85,7 @@ def peak_rss_bytes() -> int:
 
 def random_batches(n: int, batch: int, inputs: int, targets: int, vocab: int, seed: int = 0
                    ) -> list[dict]:
-  """`n` full (unpadded) int32 batches: encoder `[B, L]`, decoder inputs/targets/weights `[B, T]`."""
+  """`n` full (unpadded) int32 batches: encoder `[B, L]`, decoder in/targets/weights `[B, T]`."""
   import numpy as np
   rng = np.random.default_rng(seed)
   out = []
@@ -171,17 +172,18 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   memory = {k: int(getattr(analysis, f"{k}_size_in_bytes", 0) or 0)
             for k in ("argument", "output", "alias", "temp")} if analysis else {}
 
-  def step(batch):
+  metrics = None
+
+  def step(batch):  # the one compiled executable, every step; the train state is donated
     nonlocal state, metrics
     state, metrics = compiled(state, exp.frozen, batch, rng)
     jax.block_until_ready((state, metrics))
 
-  metrics = None
-
   out = _summary(time_steps(step, batches, spec["warmup"]), flops, spec)
   stats = device.memory_stats() or {}
-  out.update(mesh=dict(exp.mesh.shape), compile_s=compile_s, compiled_memory=memory, rss_before_build=rss_before,
-             peak_rss=peak_rss_bytes(), device_peak_bytes=stats.get("peak_bytes_in_use"),
+  out.update(mesh=dict(exp.mesh.shape), compile_s=compile_s, compiled_memory=memory,
+             rss_before_build=rss_before, peak_rss=peak_rss_bytes(),
+             device_peak_bytes=stats.get("peak_bytes_in_use"),
              loss=float(metrics["loss"]) / float(metrics["weight_sum"]))
   return {"hardware": hardware, "ours": out}
 
@@ -199,7 +201,8 @@ def peft_worker(spec: dict) -> dict:
   rss_before = peak_rss_bytes()
   torch.manual_seed(0)
   cfg = get_preset(spec["model"]).replace(dropout_rate=0.0)
-  model = transformers.T5ForConditionalGeneration(transformers.T5Config(**t5_config_to_hf_dict(cfg)))
+  hf_config = transformers.T5Config(**t5_config_to_hf_dict(cfg))
+  model = transformers.T5ForConditionalGeneration(hf_config)
   if not cfg.tie_embeddings:  # transformers 5 ties lm_head to shared at construction
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
   model = peft.get_peft_model(model, peft.PromptTuningConfig(
@@ -278,12 +281,13 @@ def run(args) -> int:
         f" | CPU: {hw['cpu']} | {hw['cores']} cores | load average {load_average:.2f}")
   print(f"analytic FLOPs/step: forward {flops['forward'] / 1e9:.4g} G + backward "
         f"{flops['backward'] / 1e9:.4g} G = {flops['total'] / 1e9:.4g} GFLOP")
-  print("peak: " + (f"{peak / 1e9:,.1f} GFLOP/s" if peak else "unknown") + f" ({hw['peak_source']})")
+  print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hw['peak_source']})")
   mem = ours["compiled_memory"]
   print(f"ours: mesh {ours['mesh']} | compile {ours['compile_s']:.1f} s | compiled step memory: " +
         ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()) +
         f" | peak RSS {_gib(ours['peak_rss'])} ({_gib(ours['rss_before_build'])} after imports)"
-        + (f" | device peak {_gib(ours['device_peak_bytes'])}" if ours["device_peak_bytes"] else ""))
+        + (f" | device peak {_gib(ours['device_peak_bytes'])}"
+           if ours["device_peak_bytes"] else ""))
   if peft_result:
     print(f"peft: torch {peft_result['torch']} ({peft_result['threads']} threads, "
           f"{peft_result['device']}), transformers {peft_result['transformers']}, peft "
