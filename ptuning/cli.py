@@ -1,10 +1,12 @@
-"""Command line: `ptuning score | info | train | eval | infer | bench` (also `python -m ptuning`)."""
+"""Command line: `ptuning score | info | train | eval | infer | promot | bench` (also `python -m ptuning`)."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+from ptuning import distributed  # stdlib-only at import
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -39,21 +41,39 @@ def _add_bench(sub):
   p.set_defaults(run=bench.run)
 
 
+def _add_plan(sub):
+  from ptuning import plan  # stdlib-only at import; JAX loads in the re-executed child
+  p = sub.add_parser("plan", help="ahead-of-time memory / FLOPs of the train step on a topology",
+                     description="Compiles the configured run's train step (gin, as for train) "
+                     "for --topology or --mesh on fake CPU devices, without running it.")
+  plan.add_arguments(p)
+  p.set_defaults(run=plan.run)
+
+
 def _add_gin_commands(sub):
   for name, help_text in (("train", "train (or resume) a prompt / method on a task"),
                           ("eval", "evaluate the latest checkpoint in MODEL_DIR"),
-                          ("infer", "write predictions of the latest checkpoint as jsonl")):
+                          ("infer", "write predictions of the latest checkpoint as jsonl"),
+                          ("promot", "ProMoT: prompt tuning, then fine-tuning with that prompt "
+                           "frozen (methods/promot.gin)")):
     p = sub.add_parser(name, help=help_text,
                        description="Configured by --gin_file=FILE (repeatable, searched in "
                        "gin_configs/) and --gin.NAME=value bindings (T5X macro names).")
     if name == "infer":
       p.add_argument("--output", required=True, help="predictions jsonl")
+    distributed.add_arguments(p)
     p.set_defaults(run=run_gin_command)
 
 
 def run_gin_command(args) -> int:
+  # Multi-process runs start JAX's distributed runtime before anything touches a device.
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
   from ptuning import gin_setup
   from ptuning.train import loop
+  if args.command == "promot":
+    from ptuning.train import promot
+    promot.run(*promot.load_config(args.gin_files, args.gin_bindings))
+    return 0
   config = gin_setup.load_config(args.gin_files, args.gin_bindings)
   if args.command == "train":
     loop.train(config)
@@ -124,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_info(sub)
   _add_bench(sub)
   _add_gin_commands(sub)
+  _add_plan(sub)
   return parser
 
 
@@ -131,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
   from ptuning.gin_setup import parse
   gin_files, gin_bindings, rest = parse(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
-  if (gin_files or gin_bindings) and args.command not in ("train", "eval", "infer"):
+  if (gin_files or gin_bindings) and args.command not in ("train", "eval", "infer", "promot", "plan"):
     raise SystemExit(f"--gin_file / --gin.* apply to train, eval and infer, not {args.command}")
   args.gin_files, args.gin_bindings = gin_files, gin_bindings
+  args.argv = list(sys.argv[1:] if argv is None else argv)  # `plan` re-executes itself
   return args.run(args)
 
 

@@ -15,6 +15,10 @@ import gin
 
 from ptuning import sharding
 from ptuning.prompts import initializers
+from ptuning.prompts.deep import DeepPrompt
+from ptuning.prompts.dept import DePT
+from ptuning.prompts.ept import EPT
+from ptuning.prompts.multitask import MPT, PromptBank, initialize_from_bank
 from ptuning.prompts.vanilla import PromptTuning
 from ptuning.train.experiment import TrainConfig
 
@@ -50,7 +54,8 @@ _CONFIGURABLES: dict = {}
 def register() -> None:
   if _CONFIGURABLES:
     return
-  for fn in (TrainConfig, PromptTuning, sharding.MeshConfig, prompt_initializer):
+  for fn in (TrainConfig, PromptTuning, DePT, EPT, DeepPrompt, sharding.MeshConfig,
+             prompt_initializer, PromptBank, MPT, initialize_from_bank):
     _CONFIGURABLES[fn] = gin.external_configurable(fn, module="ptuning")
   gin.add_config_file_search_path(str(GIN_CONFIGS))
 

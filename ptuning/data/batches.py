@@ -4,13 +4,19 @@ Every host builds the same tf.data pipeline over its own shard of the examples
 (`seqio.ShardInfo(jax.process_index(), jax.process_count())` by default) and yields
 `global_batch_size // num_shards` examples per step; `to_global_batch` joins the hosts'
 batches into `jax.Array`s sharded along the batch dimension over the mesh's data axis.
+
+With `global_batches=True` every host instead builds the same unsharded stream and yields the
+whole global batch; `to_global_batch` then hands each device its own rows. Batches (and so
+losses and iterator states) are then the same for any number of processes, so a run and its
+checkpoints move freely between process counts; the price is that every host reads and
+tokenises every example (cheap for prompt-tuning datasets, not for pretraining mixtures).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
 import jax
@@ -20,10 +26,13 @@ import tensorflow as tf
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptuning.data.jsonl import resolve_task
+from ptuning.data.task_ids import (TASK_ID_FEATURE, TASK_IDS, TaskIdMixture, task_id_converter,
+                                   task_id_index, with_task_id)
 
 # Keys of `BatchIterator.state()` that must match for `restore` to be meaningful.
 _STREAM_KEYS = ("mixture_or_task_name", "split", "global_batch_size", "num_shards",
-                "task_feature_lengths", "shuffle", "seed", "repeat", "pack", "drop_remainder")
+                "task_feature_lengths", "shuffle", "seed", "repeat", "pack", "drop_remainder",
+                "task_names")
 
 
 def check_packing_compatible(pack: bool, uses_prompt: bool) -> None:
@@ -58,18 +67,26 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
   `encoder_input_tokens [B, L_in]`, `decoder_input_tokens [B, L_tgt]`,
   `decoder_target_tokens [B, L_tgt]`, `decoder_loss_weights [B, L_tgt]`, and with `pack`
   also `encoder_segment_ids`, `encoder_positions [B, L_in]`, `decoder_segment_ids`,
-  `decoder_positions [B, L_tgt]`.
+  `decoder_positions [B, L_tgt]`; for a mixture (or with `task_names`) also `task_ids [B]`, each
+  example's index in `task_names` (see the module doc and `task_id_index`).
 
   The stream is a function of (task, split, lengths, batch size, shards, shuffle, seed,
-  repeat, pack), so its position is one number: `state()` records how many batches were
-  consumed and `restore(state)` rebuilds the pipeline skipping that many batches. The state is
-  the same on every host (it does not name the shard index), so one host may save it.
+  repeat, pack, task_names), so its position is one number: `state()` records how many
+  batches were consumed and `restore(state)` rebuilds the pipeline skipping that many batches.
+  The state is the same on every host (it does not name the shard index), so one host may save
+  it.
   """
 
   def __init__(self, mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                global_batch_size: int, *, split: str = "train", shuffle: bool = True,
                seed: int = 0, repeat: bool = True, shard_info: seqio.ShardInfo | None = None,
-               pack: bool = False, drop_remainder: bool = True):
+               pack: bool = False, drop_remainder: bool = True, global_batches: bool = False,
+               task_names: Sequence[str] | None = None):
+    if global_batches:  # every process reads everything and yields the whole global batch
+      if shard_info is not None and shard_info.num_shards != 1:
+        raise ValueError("global_batches=True reads every example on every process; "
+                         f"it cannot be combined with shard_info={shard_info}")
+      shard_info = seqio.ShardInfo(0, 1)
     shard_info = shard_info or seqio.ShardInfo(jax.process_index(), jax.process_count())
     if global_batch_size <= 0 or global_batch_size % shard_info.num_shards:
       raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of "
@@ -80,16 +97,31 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     self.per_host_batch_size = global_batch_size // shard_info.num_shards
     self.split, self.shuffle, self.seed, self.repeat = split, shuffle, seed, repeat
     self.shard_info, self.pack, self.drop_remainder = shard_info, pack, drop_remainder
+    self._task_id_index = task_id_index(mixture_or_task_name, task_names, pack)
+    # The ids' meaning (recorded in `state()`): name of task id i, or None without task ids.
+    self.task_names = (sorted(self._task_id_index, key=self._task_id_index.get)
+                       if self._task_id_index is not None else None)
     self._batches_consumed = 0
     self._iterator: Iterator[dict[str, np.ndarray]] | None = None
     self._checked_nonempty = False
 
   def _get_dataset(self, num_epochs: int | None, shuffle: bool) -> tf.data.Dataset:
-    ds = seqio.get_dataset(
-        self.mixture_or_task_name, self.task_feature_lengths,
-        feature_converter=seqio.EncDecFeatureConverter(pack=self.pack),
-        dataset_split=self.split, shuffle=shuffle, num_epochs=num_epochs,
-        shard_info=self.shard_info, seed=self.seed, verbose=False)
+    if self._task_id_index is None:
+      ds = seqio.get_dataset(
+          self.mixture_or_task_name, self.task_feature_lengths,
+          feature_converter=seqio.EncDecFeatureConverter(pack=self.pack),
+          dataset_split=self.split, shuffle=shuffle, num_epochs=num_epochs,
+          shard_info=self.shard_info, seed=self.seed, verbose=False)
+      return ds.with_options(_tf_data_options())
+    # What seqio.get_dataset does, with the task id attached before mixing and passed through.
+    provider = seqio.get_mixture_or_task(self.mixture_or_task_name)
+    if isinstance(provider, seqio.Mixture):
+      provider = TaskIdMixture(provider, self._task_id_index)
+    ds = provider.get_dataset(self.task_feature_lengths, split=self.split, shuffle=shuffle,
+                              seed=self.seed, shard_info=self.shard_info, num_epochs=num_epochs)
+    if not isinstance(provider, seqio.Mixture):
+      ds = with_task_id(ds, self._task_id_index[provider.name])
+    ds = task_id_converter()(ds, {**self.task_feature_lengths, TASK_ID_FEATURE: 1})
     return ds.with_options(_tf_data_options())
 
   def _check_nonempty(self) -> None:
@@ -130,7 +162,10 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     except tf.errors.OpError as e:
       _reraise_input_error(e)
     self._batches_consumed += 1
-    return {key: np.asarray(value, dtype=np.int32) for key, value in batch.items()}
+    batch = {key: np.asarray(value, dtype=np.int32) for key, value in batch.items()}
+    if TASK_ID_FEATURE in batch:
+      batch[TASK_IDS] = batch.pop(TASK_ID_FEATURE)[:, 0]
+    return batch
 
   def state(self) -> dict[str, Any]:
     """JSON-serialisable position: `batches_consumed` plus what defines the stream."""
@@ -139,7 +174,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
             "global_batch_size": self.global_batch_size,
             "num_shards": self.shard_info.num_shards,
             "task_feature_lengths": dict(self.task_feature_lengths), "shuffle": self.shuffle,
-            "repeat": self.repeat, "pack": self.pack, "drop_remainder": self.drop_remainder}
+            "repeat": self.repeat, "pack": self.pack, "drop_remainder": self.drop_remainder,
+            "task_names": self.task_names}
 
   def restore(self, state: Mapping[str, Any]) -> None:
     """Positions the iterator so the next batch is batch `state['batches_consumed']`.
@@ -162,44 +198,85 @@ def make_batch_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping
                         seed: int = 0, repeat: bool = True,
                         shard_info: seqio.ShardInfo | None = None, pack: bool = False,
                         drop_remainder: bool = True,
-                        vocabulary: seqio.Vocabulary | None = None) -> BatchIterator:
+                        vocabulary: seqio.Vocabulary | None = None,
+                        global_batches: bool = False,
+                        task_names: Sequence[str] | None = None) -> BatchIterator:
   """A `BatchIterator` over a task/mixture name or a `.jsonl` path (needs `vocabulary`)."""
   name = resolve_task(mixture_or_task_name, vocabulary)
   return BatchIterator(name, task_feature_lengths, global_batch_size, split=split,
                        shuffle=shuffle, seed=seed, repeat=repeat, shard_info=shard_info,
-                       pack=pack, drop_remainder=drop_remainder)
+                       pack=pack, drop_remainder=drop_remainder, global_batches=global_batches,
+                       task_names=task_names)
+
+
+def _eval_dataset(name: str, split: str, task_feature_lengths: Mapping[str, int],
+                  task_names: Sequence[str] | None) -> tf.data.Dataset:
+  """A task's split in order; a mixture's tasks one after another (each whole, each tagged)."""
+  provider = seqio.get_mixture_or_task(name)
+  index = task_id_index(name, task_names)
+  lengths = dict(task_feature_lengths)
+  if not isinstance(provider, seqio.Mixture):
+    ds = provider.get_dataset(lengths, split=split, shuffle=False, num_epochs=1)
+    return ds if index is None else with_task_id(ds, index[provider.name])
+  parts = [with_task_id(task.get_dataset(lengths, split=split, shuffle=False, num_epochs=1),
+                         index[task.name]) for task in provider.tasks if split in task.splits]
+  if not parts:
+    raise ValueError(f"no task of mixture {name!r} has a {split!r} split")
+  ds = parts[0]
+  for part in parts[1:]:
+    ds = ds.concatenate(part)
+  return ds
 
 
 def make_eval_examples(mixture_or_task_name: str, split: str,
                        task_feature_lengths: Mapping[str, int],
-                       vocabulary: seqio.Vocabulary | None = None) -> list[dict[str, Any]]:
+                       vocabulary: seqio.Vocabulary | None = None,
+                       task_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
   """All examples of a split in order (no shuffle, no repeat, nothing dropped).
 
   Each example holds the task features `inputs [L <= L_in]` and `targets [L <= L_tgt]` as int32
   arrays (trimmed, EOS-terminated) and, where the task keeps them, `inputs_pretokenized` /
-  `targets_pretokenized` as str.
+  `targets_pretokenized` as str. A mixture gives every example of each of its tasks, task after
+  task in `mixture.tasks` order (no sampling), and each example an int `task_id` (its task's
+  index in `task_names`, default the mixture's task list); a single task has a `task_id` only
+  when `task_names` is given.
   """
   name = resolve_task(mixture_or_task_name, vocabulary)
-  ds = seqio.get_mixture_or_task(name).get_dataset(
-      dict(task_feature_lengths), split=split, shuffle=False, num_epochs=1)
+  ds = _eval_dataset(name, split, task_feature_lengths, task_names)
   examples = []
   try:
     for example in ds.with_options(_tf_data_options()).as_numpy_iterator():
       examples.append({key: value.decode("utf-8") if isinstance(value, bytes) else
                        np.asarray(value, np.int32) if np.issubdtype(value.dtype, np.integer)
                        else value for key, value in example.items()})
+      if TASK_ID_FEATURE in examples[-1]:
+        examples[-1][TASK_ID_FEATURE] = int(examples[-1][TASK_ID_FEATURE][0])
   except tf.errors.OpError as e:
     _reraise_input_error(e)
   return examples
 
 
+def default_batch_axis(mesh: Mesh) -> str | tuple[str, ...]:
+  """('replica', 'data') on a mesh with a replica axis (sharding.py), else 'data'."""
+  return ("replica", "data") if "replica" in mesh.axis_names else "data"
+
+
 def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                    batch_axis: str | tuple[str, ...] = "data") -> dict[str, jax.Array]:
+                    batch_axis: str | tuple[str, ...] | None = None,
+                    global_batch_size: int | None = None) -> dict[str, jax.Array]:
   """Global `jax.Array`s `[global_batch, ...]` from this host's rows `[per_host_batch, ...]`.
 
-  Dimension 0 is sharded over the mesh axis (or axes) `batch_axis` and replicated over the
-  others; hosts' local batches are concatenated in process order.
+  Dimension 0 is sharded over the mesh axis (or axes) `batch_axis` (default:
+  `default_batch_axis(mesh)`) and replicated over the others; hosts' local batches are
+  concatenated in process order. If the rows number `global_batch_size`, they are the whole
+  global batch, identical on every process (`global_batches=True`), and each device takes its
+  own rows of it.
   """
-  sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
-  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-          for key, value in local_batch.items()}
+  sharding = NamedSharding(mesh, PartitionSpec(batch_axis or default_batch_axis(mesh)))
+  out = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    is_global = global_batch_size is not None and value.shape[0] == global_batch_size
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, value, value.shape if is_global else None)
+  return out

@@ -53,6 +53,12 @@ def param_shardings(cfg: T5Config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> 
   return sharding.logical_to_sharding(logical_specs(cfg), mesh, rules)
 
 
+def abstract_sharded_params(cfg: T5Config, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
+  """Unboxed ShapeDtypeStruct tree, each leaf carrying its NamedSharding (no memory, no FLOPs)."""
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      nn.meta.unbox(abstract_params(cfg)), param_shardings(cfg, mesh, rules))
+
+
 def init_params(cfg: T5Config, rng: jax.Array, mesh: Mesh, rules=sharding.DEFAULT_RULES) -> Any:
   """Random parameters created directly in their shardings (used for tests and pretraining)."""
   init = jax.jit(lambda r: nn.meta.unbox(_init_fn(cfg)(r)),

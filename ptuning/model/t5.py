@@ -10,6 +10,16 @@ The encoder consumes input *embeddings* plus a mask, the seam every prompt metho
     embeds, mask = <prompt method>(embeds, tokens > 0)                          # [B, P+L, E]
     logits = model.apply(params, embeds, mask, decoder_inputs,
                          method=EncoderDecoder.forward_embeddings)              # [B, T, V] f32
+
+Per-layer (deep) prompts: `Encoder(embeds, mask, layer_prompts, layer_prompt_mode)` with
+`layer_prompts [N, P, E]` or `[N, B, P, E]` (N = num_encoder_layers) acts on the first P rows of
+the hidden states at the input of *every* layer i = 0..N-1, layer 0 included (P-tuning v2: each
+layer has its own prompt), after the embedding dropout and before the layer's pre-norm:
+  'replace': x[:, :P] = layer_prompts[i]      (layer 0's rows from the method's `apply` are
+                                               overwritten; they only fix P and the mask)
+  'add':     x[:, :P] += layer_prompts[i]     (layer_prompts[0] adds to `apply`'s rows; all
+                                               zeros is exactly the plain prompted encoder)
+With `scan_layers` the prompts are a scanned input (in_axes 0) of the layer scan.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAtten
 
 Array = jax.Array
 
+LAYER_PROMPT_MODES = ("replace", "add")
+
 REMAT_POLICY_FNS = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -38,15 +50,40 @@ def _dtypes(cfg: T5Config) -> dict:
   return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
+def apply_layer_prompt(x: Array, prompt: Array, mode: str) -> Array:
+  """`x [B, L, E]`, `prompt [P, E] | [B, P, E]` -> x with rows `[:, :P]` replaced / added to."""
+  prompt = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0],) + prompt.shape[-2:])
+  rows = prompt if mode == "replace" else x[:, :prompt.shape[1]] + prompt
+  return constrain(jnp.concatenate([rows, x[:, prompt.shape[1]:]], axis=1),
+                   ("batch", "length", "embed"))
+
+
+def _check_layer_prompts(layer_prompts: Array, mode: str, num_layers: int, embeds_shape) -> None:
+  batch, length, width = embeds_shape
+  shape = tuple(layer_prompts.shape)
+  if mode not in LAYER_PROMPT_MODES:
+    raise ValueError(f"unknown layer_prompt_mode {mode!r}; choose from {LAYER_PROMPT_MODES}")
+  if (len(shape) not in (3, 4) or shape[0] != num_layers or shape[-1] != width
+      or (len(shape) == 4 and shape[1] != batch) or shape[-2] > length):
+    raise ValueError(f"layer_prompts of shape {shape} do not fit [{num_layers}, P, {width}] or "
+                     f"[{num_layers}, {batch}, P, {width}] with P <= input length {length}")
+
+
 class EncoderLayer(nn.Module):
-  """Pre-norm self-attention + MLP; `(x [B, L, E], bias [B|1, H, L, L]) -> (x, None)`."""
+  """Pre-norm self-attention + MLP; `(x [B, L, E], bias [B|1, H, L, L]) -> (x, None)`.
+
+  `prompt [P, E] | [B, P, E]` (optional) first replaces / is added to `x[:, :P]` (`prompt_mode`).
+  """
 
   cfg: T5Config
   deterministic: bool = True
+  prompt_mode: str = "replace"
 
   @nn.compact
-  def __call__(self, x: Array, bias: Array):
+  def __call__(self, x: Array, bias: Array, prompt: Array | None = None):
     cfg, dt = self.cfg, _dtypes(self.cfg)
+    if prompt is not None:
+      x = apply_layer_prompt(x, prompt, self.prompt_mode)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **dt)(x)
     h = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, deterministic=self.deterministic,
@@ -88,15 +125,22 @@ class DecoderLayer(nn.Module):
     return x, None
 
 
-def _stack(layer_cls, cfg: T5Config, num_layers: int, num_broadcast_args: int, **layer_kwargs):
-  """Returns a callable applying `num_layers` layers: unrolled `layers_{i}` or one `nn.scan`."""
+def _stack(layer_cls, cfg: T5Config, num_layers: int, num_broadcast_args: int,
+           num_scanned_args: int = 0, **layer_kwargs):
+  """Returns a callable applying `num_layers` layers: unrolled `layers_{i}` or one `nn.scan`.
+
+  The callable takes `(x, *args)`: the first `num_broadcast_args` args go to every layer as they
+  are; the next `num_scanned_args` have a leading `[num_layers]` axis and layer i gets slice i
+  (an `nn.scan` input with in_axes 0 when scanned).
+  """
   if cfg.remat_policy != "none":
     layer_cls = nn.remat(layer_cls, policy=REMAT_POLICY_FNS[cfg.remat_policy],
                          prevent_cse=not cfg.scan_layers)
   if cfg.scan_layers:
     scanned = nn.scan(layer_cls, variable_axes={"params": 0, "cache": 1},
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * num_broadcast_args, length=num_layers,
+                      in_axes=(nn.broadcast,) * num_broadcast_args + (0,) * num_scanned_args,
+                      length=num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     layer = scanned(cfg, name="layers", **layer_kwargs)
     return lambda x, *args: layer(x, *args)[0]
@@ -104,8 +148,9 @@ def _stack(layer_cls, cfg: T5Config, num_layers: int, num_broadcast_args: int, *
   layers = [layer_cls(cfg, name=f"layers_{i}", **layer_kwargs) for i in range(num_layers)]
 
   def apply(x, *args):
-    for layer in layers:
-      x, _ = layer(x, *args)
+    shared, per_layer = args[:num_broadcast_args], args[num_broadcast_args:]
+    for i, layer in enumerate(layers):
+      x, _ = layer(x, *shared, *(a[i] for a in per_layer))
     return x
   return apply
 
@@ -117,14 +162,23 @@ def attention_mask_bias(query_mask: Array | None, key_mask: Array) -> Array:
 
 
 class Encoder(nn.Module):
-  """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]` (bidirectional, relative positions)."""
+  """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]` (bidirectional, relative positions).
+
+  Optional `layer_prompts [N, P, E] | [N, B, P, E]`: per-layer prompts on rows `[:P]` of every
+  layer's input, `layer_prompt_mode` 'replace' | 'add' (see the module docstring).
+  """
 
   cfg: T5Config
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, embeds: Array, mask: Array) -> Array:
+  def __call__(self, embeds: Array, mask: Array, layer_prompts: Array | None = None,
+               layer_prompt_mode: str = "replace") -> Array:
     cfg = self.cfg
+    scanned_args = ()
+    if layer_prompts is not None:
+      _check_layer_prompts(layer_prompts, layer_prompt_mode, cfg.num_encoder_layers, embeds.shape)
+      scanned_args = (layer_prompts,)
     length = embeds.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)
     bias = RelativePositionBias(cfg.num_heads, cfg.relative_attention_num_buckets,
@@ -134,7 +188,9 @@ class Encoder(nn.Module):
     bias = bias + attention_mask_bias(None, mask)
     x = nn.Dropout(cfg.dropout_rate)(embeds, deterministic=self.deterministic)
     x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
-    x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 1, deterministic=self.deterministic)(x, bias)
+    x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 1, len(scanned_args),
+               deterministic=self.deterministic, prompt_mode=layer_prompt_mode)(
+                   x, bias, *scanned_args)
     x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_dtypes(cfg))(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
 
@@ -229,9 +285,11 @@ class EncoderDecoder(nn.Module):
     """`[B, L] int -> [B, L, E]` in the activation dtype."""
     return constrain(self.token_embedder(tokens), ("batch", "length", "embed"))
 
-  def encode_embeddings(self, embeds: Array, mask: Array) -> Array:
-    """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]`."""
-    return self.encoder(embeds, mask)
+  def encode_embeddings(self, embeds: Array, mask: Array, layer_prompts: Array | None = None,
+                        layer_prompt_mode: str = "replace") -> Array:
+    """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]`; optional per-layer prompts
+    `layer_prompts [N, P, E] | [N, B, P, E]` ('replace' | 'add' rows `[:P]` of every layer's input)."""
+    return self.encoder(embeds, mask, layer_prompts, layer_prompt_mode)
 
   def encode(self, encoder_input_tokens: Array) -> Array:
     return self.encoder(self.embed(encoder_input_tokens), encoder_input_tokens > 0)

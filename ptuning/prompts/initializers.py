@@ -73,13 +73,15 @@ def from_text(text: str, vocabulary, fallback: Initializer | None = None) -> Ini
 
 
 def load_prompt_array(path: str | os.PathLike, key: str = "prompt/prompt") -> np.ndarray:
-  """A prompt `[P, E]` from a `.npy` file or from a previous run's checkpoint directory."""
+  """A prompt `[P, E]` from a `.npy` file, a previous run's MODEL_DIR or its checkpoints dir."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"prompt file {path!r} does not exist")
   if path.endswith(".npy"):
     return np.load(path, allow_pickle=False)
   from ptuning.checkpoints.train_state import read_trainable_params
+  if os.path.isdir(os.path.join(path, "checkpoints")):  # a run's MODEL_DIR
+    path = os.path.join(path, "checkpoints")
   params = read_trainable_params(path)
   if key not in params:
     raise KeyError(f"checkpoint {path!r} has no {key!r}; it holds {sorted(params)}")

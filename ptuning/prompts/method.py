@@ -20,7 +20,13 @@ Params = dict[str, Any]
 
 
 class PromptMethod(Protocol):
-  """A method: its trainable tree, how it changes the encoder inputs, and the trainable rule."""
+  """A method: its trainable tree, how it changes the encoder inputs, and the trainable rule.
+
+  A method may also set per-layer (deep) prompts: `apply` then returns a third element
+  `layer_prompts [N, P, E] | [N, B, P, E]` (or None), and the optional attribute
+  `layer_prompt_mode` ('replace', the default, or 'add') says how the encoder applies them to
+  rows `[:P]` of every layer's input (see ptuning/model/t5.py).
+  """
 
   name: str
   trainable_pattern: str  # regex over '/'-joined paths of the full tree
@@ -32,8 +38,9 @@ class PromptMethod(Protocol):
     """Logical PartitionSpecs for the method's subtrees (same structure as `init`)."""
 
   def apply(self, params: Params, embeds: Array, mask: Array,
-            task_ids: Array | None = None) -> tuple[Array, Array]:
-    """`embeds [B, L, E]`, `mask [B, L]` -> (`[B, L', E]`, `[B, L']`) fed to the encoder."""
+            task_ids: Array | None = None) -> tuple[Array, ...]:
+    """`embeds [B, L, E]`, `mask [B, L]` -> (`[B, L', E]`, `[B, L']`[, layer prompts | None])
+    fed to the encoder."""
 
 
 def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, tokens: Array,
@@ -45,10 +52,14 @@ def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, 
   backbone = {"params": params["backbone"]}
   embeds = model.apply(backbone, tokens, method=EncoderDecoder.embed)
   mask = tokens > 0
+  layer_prompts = None
   if method is not None:
-    embeds, mask = method.apply(params, embeds, mask, task_ids)
+    embeds, mask, *rest = method.apply(params, embeds, mask, task_ids)
+    layer_prompts = rest[0] if rest else None
+  mode = getattr(method, "layer_prompt_mode", "replace")
   rngs = None if deterministic else {"dropout": rng}
-  encoded = model.apply(backbone, embeds, mask, method=EncoderDecoder.encode_embeddings, rngs=rngs)
+  encoded = model.apply(backbone, embeds, mask, layer_prompts, mode,
+                        method=EncoderDecoder.encode_embeddings, rngs=rngs)
   return encoded, mask
 
 

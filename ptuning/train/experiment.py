@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from ptuning import param_tree, sharding
@@ -56,6 +57,9 @@ class TrainConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
+  # True: every process builds the same global batches, so a run (and its checkpoints) is the
+  # same for any process count; False: SeqIO shards the examples over processes (data/batches.py).
+  global_batches: bool = True
   seed: int = 0
   log_every: int = 10
   checkpoint_every: int = 100
@@ -115,12 +119,64 @@ def _model_overrides(config: TrainConfig) -> dict:
               scan_layers=config.scan_layers, remat_policy=config.remat_policy)
 
 
+@dataclasses.dataclass(frozen=True)
+class _SlotOf:
+  """Tags an optimizer-state leaf with the parameter (and sharding) it belongs to (a pytree leaf)."""
+
+  param: Any  # ShapeDtypeStruct
+  sharding: jax.sharding.NamedSharding
+
+
+def _removed_axis(field: str | None, slot_shape: tuple, param_shape: tuple) -> int | None:
+  """The parameter axis a factored slot lacks, or None.
+
+  optax's Adafactor (`factorized._factored_dims`) factors the two largest axes, `d1, d0 =
+  argsort(shape)[-2:]`: `v_row` is the mean over d0 (shape without d0) and `v_col` the mean over
+  d1 (shape without d1). The field name settles square kernels, where both shapes agree.
+  """
+  candidates = [a for a in range(len(param_shape))
+                if param_shape[:a] + param_shape[a + 1:] == tuple(slot_shape)]
+  if len(param_shape) >= 2:
+    d1, d0 = (int(a) for a in np.argsort(param_shape)[-2:])
+    wanted = {"v_row": d0, "v_col": d1}.get(field or "")
+    if wanted in candidates:
+      return wanted
+  return candidates[0] if len(candidates) == 1 else None
+
+
 def _optimizer_state_shardings(optimizer, abstract_params, params_shardings, replicated):
-  """Optimizer slots shaped like a parameter take its sharding; the rest are replicated."""
+  """Shardings of the optimizer state, following the parameters' shardings.
+
+  A slot shaped like its parameter (Adam's mu / nu, Adafactor's unfactored `v`) takes the
+  parameter's sharding. A slot that is the parameter minus one axis (Adafactor's factored
+  `v_row` / `v_col`) takes the parameter's PartitionSpec minus that axis: for an `[embed, mlp]`
+  kernel sharded `(None, 'model')`, v_row `[embed]` is `(None,)` and v_col `[mlp]` is
+  `('model',)`. Everything else (step counts, `(1,)` placeholders) is replicated.
+  `optax.multi_transform` (`group_learning_rates`) leaves `MaskedNode()`s for the parameters
+  of other groups in each group's state: they hold no array and are kept as they are.
+  """
   abstract_state = jax.eval_shape(optimizer.init, abstract_params)
-  same_shape = lambda slot, param, s: s if slot.shape == param.shape else replicated
-  return optax.tree_map_params(optimizer, same_shape, abstract_state, abstract_params,
-                               params_shardings, transform_non_params=lambda _: replicated)
+  not_param = object()
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  tag = lambda slot, p, s: slot if masked(slot) else _SlotOf(p, s)
+  tags = optax.tree_map_params(optimizer, tag, abstract_state, abstract_params, params_shardings,
+                               transform_non_params=lambda _: not_param, is_leaf=masked)
+
+  def slot_sharding(path, slot, tag):
+    if not isinstance(tag, _SlotOf):
+      return replicated
+    param_shape = tuple(tag.param.shape)
+    if tuple(slot.shape) == param_shape:
+      return tag.sharding
+    field = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+    axis = _removed_axis(field, tuple(slot.shape), param_shape)
+    if axis is None:
+      return replicated
+    spec = tuple(tag.sharding.spec) + (None,) * (len(param_shape) - len(tag.sharding.spec))
+    return jax.sharding.NamedSharding(tag.sharding.mesh,
+                                      jax.sharding.PartitionSpec(*spec[:axis], *spec[axis + 1:]))
+
+  return jax.tree_util.tree_map_with_path(slot_sharding, abstract_state, tags)
 
 
 def _make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -138,13 +194,21 @@ def _make_optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.Grad
   return optim.multi_rate_optimizer(rules, patterns + [(".*", "default")])
 
 
-def build_experiment(config: TrainConfig, devices=None) -> Experiment:
-  """Concrete, sharded run objects; `devices` defaults to every device."""
+def build_experiment(config: TrainConfig, devices=None, abstract: bool = False) -> Experiment:
+  """Concrete, sharded run objects; `devices` defaults to every device. `abstract`: every
+  array (backbone, method trees) is a ShapeDtypeStruct carrying its sharding, nothing is
+  loaded or initialised (ahead-of-time plans; needs `config.model`, a preset or T5Config)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_for(config.mesh)
   overrides = _model_overrides(config)
   rng = jax.random.key(config.seed)
-  if config.initial_checkpoint_path:
+  if abstract:
+    if config.model is None:
+      raise ValueError("an abstract experiment (plan) needs MODEL, a preset name")
+    model = (get_preset(config.model) if isinstance(config.model, str) else config.model)
+    model = model.replace(**overrides)
+    backbone = build.abstract_sharded_params(model, mesh, rules)
+  elif config.initial_checkpoint_path:
     model, backbone = load_backbone(config.initial_checkpoint_path, mesh, config.model, rules,
                                     **overrides)
   else:
@@ -160,7 +224,8 @@ def build_experiment(config: TrainConfig, devices=None) -> Experiment:
   if method is not None:
     method_init = jax.jit(functools.partial(method.init),
                           out_shardings=sharding.logical_to_sharding(method.logical_axes(), mesh, rules))
-    full.update(method_init(jax.random.fold_in(rng, 2), backbone))
+    full.update((jax.eval_shape if abstract else lambda f, *a: f(*a))(
+        method_init, jax.random.fold_in(rng, 2), backbone))
     full_shardings.update(sharding.logical_to_sharding(method.logical_axes(), mesh, rules))
   rule = param_tree.TrainableRule(config.trainable_pattern or
                                   (method.trainable_pattern if method else r"^backbone/"))

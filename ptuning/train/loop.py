@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-from ptuning import param_tree
+from ptuning import distributed, param_tree, sharding
 from ptuning.checkpoints.train_state import TrainCheckpointer
 from ptuning.data.batches import make_batch_iterator, to_global_batch
 from ptuning.train.evaluation import evaluate
@@ -76,12 +76,17 @@ def _log(*parts: Any) -> None:
     print(*parts, flush=True)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-  """Runs (or resumes) training; returns the final metrics (train and eval)."""
-  exp = build_experiment(config)
+def train(config: TrainConfig, exp: Experiment | None = None) -> dict[str, Any]:
+  """Runs (or resumes) training; returns the final metrics (train and eval).
+
+  `exp`: the experiment built from `config`, when the caller needs it afterwards (ProMoT reads
+  the frozen prompt of stage 2); default `build_experiment(config)`.
+  """
+  exp = build_experiment(config) if exp is None else exp
   vocab = get_vocabulary(config.vocabulary_path) if config.vocabulary_path else None
   data = make_batch_iterator(config.mixture_or_task_name, config.task_feature_lengths,
-                             config.batch_size, seed=config.seed, vocabulary=vocab)
+                             config.batch_size, seed=config.seed, vocabulary=vocab,
+                             global_batches=config.global_batches)
   checkpointer = TrainCheckpointer(os.path.join(config.model_dir, "checkpoints"),
                                    max_to_keep=config.keep_checkpoints)
   meta = {"run_signature": run_signature(exp), "backbone": exp.backbone_path,
@@ -103,22 +108,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
     while step < config.train_steps:
       local = next(data)
       last["tokens"] += int((local["encoder_input_tokens"] > 0).sum()
-                            + (local["decoder_target_tokens"] > 0).sum()) * jax.process_count()
-      batch = to_global_batch(local, exp.mesh)
+                            + (local["decoder_target_tokens"] > 0).sum()
+                            ) * (config.batch_size // len(local["encoder_input_tokens"]))
+      batch = to_global_batch(local, exp.mesh, global_batch_size=config.batch_size)
       if step_fn is None:
         step_fn = exp.train_step_fn(batch)
-      state, step_metrics = step_fn(state, exp.frozen, batch, rng)
+      with sharding.activate(exp.mesh, exp.rules):  # activation constraints apply when traced
+        state, step_metrics = step_fn(state, exp.frozen, batch, rng)
       step += 1
+      stop = distributed.any_process(preemption.requested)  # all processes stop at one step
       if step % config.log_every == 0 or step == config.train_steps:
         metrics = _train_log_line(step, step_metrics, last, config, schedule_lr)
         writer.write(step, metrics)
       if config.eval_every and step % config.eval_every == 0 and step < config.train_steps:
         writer.write(step, _eval(exp, state, config, vocab))
-      if step % config.checkpoint_every == 0 or step == config.train_steps or preemption.requested:
+      if step % config.checkpoint_every == 0 or step == config.train_steps or stop:
         checkpointer.save(step, state, data.state(), meta, force=True)
         _log(f"saved checkpoint step {step}")
-      if preemption.requested:
-        _log(f"SIGTERM: saved step {step}, exiting")
+      if stop:
+        print(f"SIGTERM: saved step {step}, exiting (process {jax.process_index()})", flush=True)
         return {"preempted_at": step, **metrics}
     eval_metrics = _eval(exp, state, config, vocab)
     writer.write(step, eval_metrics)
@@ -181,7 +189,8 @@ def run_infer(config: TrainConfig, output_path: str) -> int:
   exp, params = restore_params(config)
   vocab = get_vocabulary(config.vocabulary_path)
   rows = predict(exp, params, config, vocab)
-  write_jsonl_atomically(output_path, rows)
+  if jax.process_index() == 0:  # every process decodes the same rows; one writes them
+    write_jsonl_atomically(output_path, rows)
   _log(f"wrote {len(rows)} predictions to {output_path}")
   return len(rows)
 

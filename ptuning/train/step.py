@@ -57,10 +57,18 @@ def loss_and_metrics(trainable: Any, frozen: Any, batch: Batch, rng: Array | Non
 
 
 def _split_microbatches(tree: Any, n: int) -> Any:
+  """`[B, ...]` -> `[n, B // n, ...]`, microbatch i = rows i, i + n, i + 2n, ... (strided).
+
+  A batch sharded over the data axis holds contiguous row blocks per device; strided
+  microbatches take B / (n * data) rows from every device's block, so each microbatch stays
+  spread over all devices without communication and per-device activation memory drops by n.
+  (Contiguous microbatches would each live on a few devices: XLA then reshards or replicates
+  them and the memory saving is lost.)
+  """
   def split(x):
     if x.shape[0] % n:
       raise ValueError(f"batch of {x.shape[0]} does not split into {n} microbatches")
-    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
   return jax.tree.map(split, tree)
 
 
