@@ -139,12 +139,45 @@ def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
           f"measured: best {PEAK_MATMUL}^3 {dt} jnp.dot on {os.cpu_count()} cores")
 
 
+METHODS = ("prompt_tuning", "dept", "ept", "deep_prompt", "full_finetuning")
+
+
+def make_method(name: str, prompt: int, inputs: int):
+  """The method a bench row runs (None: full fine-tuning) and its encoder prefix length.
+
+  DePT / EPT use their papers' T5-base budget (m=60 / 40, r=30, s=inputs: 76,800 trainable
+  parameters at d=768, equal to a 100-token prompt); deep prompts use `prompt` rows per layer.
+  """
+  from ptuning.prompts.deep import DeepPrompt
+  from ptuning.prompts.dept import DePT
+  from ptuning.prompts.ept import EPT
+  from ptuning.prompts.vanilla import PromptTuning
+  table = {"prompt_tuning": lambda: PromptTuning(length=prompt),
+           "dept": lambda: DePT(max_length=inputs), "ept": lambda: EPT(max_length=inputs),
+           "deep_prompt": lambda: DeepPrompt(length=prompt), "full_finetuning": lambda: None}
+  if name not in table:
+    raise SystemExit(f"unknown --method {name!r}; choose from {METHODS}")
+  method = table[name]()
+  return method, (method.length if method is not None else 0)
+
+
+def step_flops(cfg, spec: dict) -> dict:
+  """Analytic FLOPs of the method's step: frozen backbone (input gradients only), or, for full
+  fine-tuning, weight gradients too (backward = 2x forward)."""
+  _, prefix = make_method(spec["method"], spec["prompt"], spec["inputs"])
+  flops = prompt_tuning_step_flops(cfg, spec["batch"], spec["inputs"], spec["targets"], prefix)
+  if spec["method"] == "full_finetuning":
+    flops = dict(forward=flops["forward"], backward=2 * flops["forward"],
+                 total=3 * flops["forward"])
+  return flops
+
+
 def bench_ours(spec: dict, flops: dict) -> dict:
   """Builds the experiment and times its compiled train step; hardware and peak included."""
   import jax
   from ptuning import sharding
   from ptuning.data.batches import to_global_batch
-  from ptuning.prompts.vanilla import PromptTuning
+  from ptuning import param_tree
   from ptuning.train.experiment import TrainConfig, build_experiment
 
   device = jax.devices()[0]
@@ -157,7 +190,8 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     exp = build_experiment(TrainConfig(
         model_dir=tmp, model=spec["model"], initial_checkpoint_path=None,
-        method=PromptTuning(length=spec["prompt"]), batch_size=spec["batch"],
+        method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
+        batch_size=spec["batch"],
         task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
         dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
         mesh=sharding.parse_mesh_spec(spec["mesh"])))
@@ -185,6 +219,7 @@ def bench_ours(spec: dict, flops: dict) -> dict:
              rss_before_build=rss_before, peak_rss=peak_rss_bytes(),
              device_peak_bytes=stats.get("peak_bytes_in_use"),
              loss=float(metrics["loss"]) / float(metrics["weight_sum"]))
+  out["trainable_parameters"] = param_tree.count(exp.trainable_init)
   return {"hardware": hardware, "ours": out}
 
 
@@ -263,13 +298,12 @@ def _row(name: str, r: dict, peak: float | None) -> str:
 
 def run(args) -> int:
   """The `bench` command: prints the report, writes `--json`."""
-  if args.method != "prompt_tuning":
-    raise SystemExit(f"bench supports --method prompt_tuning only, not {args.method!r}")
+  if args.vs == "peft" and args.method != "prompt_tuning":
+    raise SystemExit("--vs peft compares prompt tuning: use --method prompt_tuning")
   from ptuning.model.config import get_preset
   spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
                                         "warmup", "dtype", "method", "mesh")}
-  flops = prompt_tuning_step_flops(get_preset(args.model), args.batch, args.inputs, args.targets,
-                                   args.prompt)
+  flops = step_flops(get_preset(args.model), spec)
   print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()), flush=True)
   load_average = os.getloadavg()[0]
   # PEFT first, in its own process, while this one holds no JAX memory (GPU preallocation).
@@ -283,6 +317,7 @@ def run(args) -> int:
         f"{flops['backward'] / 1e9:.4g} G = {flops['total'] / 1e9:.4g} GFLOP")
   print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hw['peak_source']})")
   mem = ours["compiled_memory"]
+  print(f"method: {spec['method']} | trainable parameters {ours['trainable_parameters']:,}")
   print(f"ours: mesh {ours['mesh']} | compile {ours['compile_s']:.1f} s | compiled step memory: " +
         ", ".join(f"{k} {_gib(v)}" for k, v in mem.items()) +
         f" | peak RSS {_gib(ours['peak_rss'])} ({_gib(ours['rss_before_build'])} after imports)"
@@ -319,7 +354,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--method", default="prompt_tuning", choices=("prompt_tuning",))
+  p.add_argument("--method", default="prompt_tuning", choices=METHODS)
   p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")
