@@ -25,6 +25,7 @@ from ptuning.train.evaluation import predict
 from ptuning.train.experiment import TrainConfig, build_experiment
 from ptuning.train.step import eval_step
 from ptuning.vocab import get_vocabulary
+from task_files import write_task
 
 LENGTHS = {"inputs": 16, "targets": 4}
 CFG = PRESETS["tiny_t5_1_1"]  # 2 encoder layers, d_model 32
@@ -52,13 +53,6 @@ def inputs(batch: int = 3, length: int = 10, seed: int = 0):
   return jnp.asarray(tokens), decoding.shift_right(jnp.asarray(targets))
 
 
-def write_task(path: Path, n: int = 64) -> Path:
-  rng = np.random.default_rng(0)
-  with open(path, "w") as f:
-    for _ in range(n):
-      a = int(rng.integers(0, 10))
-      f.write(json.dumps({"inputs": f"is {a} even?", "targets": "yes" if a % 2 == 0 else "no"}) + "\n")
-  return path
 
 
 def reference_encode(cfg, params, embeds, mask, layer_prompts, mode):

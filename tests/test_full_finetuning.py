@@ -15,19 +15,13 @@ from ptuning.checkpoints.train_state import TrainCheckpointer, flat_with_paths
 from ptuning.data.batches import make_batch_iterator, to_global_batch
 from ptuning.train.experiment import build_experiment
 from ptuning.vocab import get_vocabulary
+from task_files import write_task
 
 LENGTHS = {"inputs": 16, "targets": 4}
 STEPS = 3
 KERNEL = "backbone/encoder/layers_0/mlp/wi_0/kernel"  # [embed 32, mlp 64]
 
 
-def write_task(path, n=64):
-  rng = np.random.default_rng(0)
-  with open(path, "w") as f:
-    for _ in range(n):
-      a = int(rng.integers(0, 10))
-      f.write(json.dumps({"inputs": f"is {a} even?", "targets": "yes" if a % 2 == 0 else "no"}) + "\n")
-  return path
 
 
 def full_finetuning_config(tmp_path, shared_data, mesh):

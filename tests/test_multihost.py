@@ -21,6 +21,7 @@ from ptuning.prompts.vanilla import PromptTuning
 from ptuning.train import loop
 from ptuning.train.experiment import TrainConfig, build_experiment
 from ptuning.vocab import get_vocabulary
+from task_files import write_task
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
@@ -29,13 +30,6 @@ STEPS = 8
 TIMEOUT = 240  # seconds for one launch; a hung collective fails the test instead of CI
 
 
-def write_task(path: Path, n: int = 64) -> Path:
-  rng = np.random.default_rng(0)
-  with open(path, "w") as f:
-    for _ in range(n):
-      a = int(rng.integers(0, 10))
-      f.write(json.dumps({"inputs": f"is {a} even?", "targets": "yes" if a % 2 == 0 else "no"}) + "\n")
-  return path
 
 
 def train_args(model_dir, task, vocab, steps, partitioning="partitioning/data2_model4.gin",

@@ -10,17 +10,11 @@ from ptuning import cli, param_tree
 from ptuning.checkpoints.train_state import read_trainable_params
 from ptuning.train import promot
 from ptuning.train.experiment import build_experiment
+from task_files import write_task
 
 LENGTHS = {"inputs": 16, "targets": 4}
 
 
-def write_task(path, n=64, seed=0):
-  rng = np.random.default_rng(seed)
-  with open(path, "w") as f:
-    for _ in range(n):
-      a = int(rng.integers(0, 10))
-      f.write(json.dumps({"inputs": f"is {a} even?", "targets": "yes" if a % 2 == 0 else "no"}) + "\n")
-  return path
 
 
 def promot_args(model_dir, task, other, vocab, stage2_steps):
