@@ -12,7 +12,7 @@ if [ "$what" = cpu ]; then
     --steps 3 --warmup 1 --vs peft --json benchmarks/cpu_t5_1_1_base.json
 fi
 if [ "$what" = methods ]; then
-  for method in prompt_tuning dept ept deep_prompt full_finetuning; do
+  for method in prompt_tuning dept ept deep_prompt prompt_bank mpt promot_stage2 full_finetuning; do
     "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
       --steps 3 --warmup 1 --method "$method" --json "benchmarks/methods_t5_1_1_base_$method.json"
   done

@@ -83,9 +83,10 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def random_batches(n: int, batch: int, inputs: int, targets: int, vocab: int, seed: int = 0
-                   ) -> list[dict]:
-  """`n` full (unpadded) int32 batches: encoder `[B, L]`, decoder in/targets/weights `[B, T]`."""
+def random_batches(n: int, batch: int, inputs: int, targets: int, vocab: int, seed: int = 0,
+                   num_tasks: int = 0) -> list[dict]:
+  """`n` full (unpadded) int32 batches: encoder `[B, L]`, decoder in/targets/weights `[B, T]`
+  (and `task_ids [B]` drawn from `num_tasks` tasks when it is > 0)."""
   import numpy as np
   rng = np.random.default_rng(seed)
   out = []
@@ -96,6 +97,8 @@ def random_batches(n: int, batch: int, inputs: int, targets: int, vocab: int, se
     dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
     out.append({"encoder_input_tokens": enc, "decoder_input_tokens": dec,
                 "decoder_target_tokens": tgt, "decoder_loss_weights": np.ones_like(tgt)})
+    if num_tasks:
+      out[-1]["task_ids"] = rng.integers(0, num_tasks, (batch,), dtype=np.int32)
   return out
 
 
@@ -139,7 +142,11 @@ def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
           f"measured: best {PEAK_MATMUL}^3 {dt} jnp.dot on {os.cpu_count()} cores")
 
 
-METHODS = ("prompt_tuning", "dept", "ept", "deep_prompt", "full_finetuning")
+METHODS = ("prompt_tuning", "dept", "ept", "deep_prompt", "prompt_bank", "mpt", "promot_stage2",
+           "full_finetuning")
+BANK_TASKS = 8  # prompt_bank / mpt rows: 8 tasks, each batch mixes them (random task ids)
+# ProMoT stage 2 fine-tunes the backbone with the stage-1 prompt attached and frozen.
+TRAINABLE_OVERRIDES = {"promot_stage2": r"^backbone/"}
 
 
 def make_method(name: str, prompt: int, inputs: int):
@@ -151,10 +158,14 @@ def make_method(name: str, prompt: int, inputs: int):
   from ptuning.prompts.deep import DeepPrompt
   from ptuning.prompts.dept import DePT
   from ptuning.prompts.ept import EPT
+  from ptuning.prompts.multitask import MPT, PromptBank
   from ptuning.prompts.vanilla import PromptTuning
   table = {"prompt_tuning": lambda: PromptTuning(length=prompt),
            "dept": lambda: DePT(max_length=inputs), "ept": lambda: EPT(max_length=inputs),
-           "deep_prompt": lambda: DeepPrompt(length=prompt), "full_finetuning": lambda: None}
+           "deep_prompt": lambda: DeepPrompt(length=prompt),
+           "prompt_bank": lambda: PromptBank(num_tasks=BANK_TASKS, length=prompt),
+           "mpt": lambda: MPT(num_tasks=BANK_TASKS, length=prompt),
+           "promot_stage2": lambda: PromptTuning(length=prompt), "full_finetuning": lambda: None}
   if name not in table:
     raise SystemExit(f"unknown --method {name!r}; choose from {METHODS}")
   method = table[name]()
@@ -166,7 +177,7 @@ def step_flops(cfg, spec: dict) -> dict:
   fine-tuning, weight gradients too (backward = 2x forward)."""
   _, prefix = make_method(spec["method"], spec["prompt"], spec["inputs"])
   flops = prompt_tuning_step_flops(cfg, spec["batch"], spec["inputs"], spec["targets"], prefix)
-  if spec["method"] == "full_finetuning":
+  if spec["method"] in ("full_finetuning", "promot_stage2"):
     flops = dict(forward=flops["forward"], backward=2 * flops["forward"],
                  total=3 * flops["forward"])
   return flops
@@ -191,13 +202,15 @@ def bench_ours(spec: dict, flops: dict) -> dict:
     exp = build_experiment(TrainConfig(
         model_dir=tmp, model=spec["model"], initial_checkpoint_path=None,
         method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
+        trainable_pattern=TRAINABLE_OVERRIDES.get(spec["method"]),
         batch_size=spec["batch"],
         task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
         dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
         mesh=sharding.parse_mesh_spec(spec["mesh"])))
   batches = [to_global_batch(b, exp.mesh) for b in random_batches(
       spec["warmup"] + spec["steps"], spec["batch"], spec["inputs"], spec["targets"],
-      exp.model.vocab_size)]
+      exp.model.vocab_size, num_tasks=BANK_TASKS if spec["method"] in ("prompt_bank", "mpt")
+      else 0)]
   state, rng = exp.init_state(), jax.random.key(1)
   start = time.perf_counter()
   compiled = exp.train_step_fn(batches[0]).lower(state, exp.frozen, batches[0], rng).compile()
