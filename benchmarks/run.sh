@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Reproduces the README's performance tables: writes benchmarks/<name>.json and prints each run.
-# Usage: bash benchmarks/run.sh [cpu|methods]   (run on a quiet machine; timings are medians)
+# Usage: bash benchmarks/run.sh [cpu|methods|inference]   (run on a quiet machine; timings are
+# medians). inference: greedy decoding and rank scoring against transformers (same weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 what=${1:-cpu}
+case "$what" in
+  cpu|methods|inference) ;;
+  *) echo "usage: bash benchmarks/run.sh [cpu|methods|inference]" >&2; exit 2 ;;
+esac
 if [ "$what" = cpu ]; then
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
     --steps 5 --warmup 2 --vs peft --json benchmarks/cpu_t5_1_1_small.json
@@ -16,4 +21,10 @@ if [ "$what" = methods ]; then
     "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
       --steps 3 --warmup 1 --method "$method" --json "benchmarks/methods_t5_1_1_base_$method.json"
   done
+fi
+if [ "$what" = inference ]; then
+  "$PY" -m ptuning bench --mode decode --model t5_1_1_small --batch 8 --inputs 256 --targets 32 \
+    --steps 5 --warmup 2 --json benchmarks/inference_decode_t5_1_1_small.json
+  "$PY" -m ptuning bench --mode score --model t5_1_1_small --batch 8 --inputs 256 --targets 4 \
+    --candidates 2 --steps 10 --warmup 2 --json benchmarks/inference_score_t5_1_1_small.json
 fi

@@ -9,6 +9,9 @@ two processes' peak RSS are measured apart and JAX holds no GPU memory meanwhile
 scored against one analytic FLOP count (`prompt_tuning_step_flops`) and one peak: measured (a
 large matmul) on CPU, datasheet on GPU.
 
+`--mode decode|score` (greedy decoding and rank scoring against transformers) is
+`ptuning.bench_inference`; `run` dispatches there.
+
 This module imports only the standard library at the top, so the PEFT worker never loads JAX.
 """
 
@@ -187,7 +190,7 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   """Builds the experiment and times its compiled train step; hardware and peak included."""
   import jax
   from ptuning import sharding
-  from ptuning.data.batches import to_global_batch
+  from ptuning.sharding import to_global_batch
   from ptuning import param_tree
   from ptuning.train.experiment import TrainConfig, build_experiment
 
@@ -310,7 +313,13 @@ def _row(name: str, r: dict, peak: float | None) -> str:
 
 
 def run(args) -> int:
-  """The `bench` command: prints the report, writes `--json`."""
+  """The `bench` command: prints the report, writes `--json`. `--mode decode|score` is
+  `ptuning.bench_inference` (inference against transformers)."""
+  if args.mode != "train":
+    from ptuning import bench_inference
+    return bench_inference.run(args)
+  if args.prompt is None:
+    raise SystemExit("--mode train needs --prompt (the prompt length P)")
   if args.vs == "peft" and args.method != "prompt_tuning":
     raise SystemExit("--vs peft compares prompt tuning: use --method prompt_tuning")
   from ptuning.model.config import get_preset
@@ -359,11 +368,16 @@ def run(args) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+  from ptuning import bench_inference  # stdlib-only at import, like this module
+  p.add_argument("--mode", default="train", choices=("train",) + bench_inference.MODES,
+                 help="train: one train step (vs PEFT with --vs peft); decode: greedy decoding, "
+                 "score: rank classification, both vs transformers (ptuning/bench_inference.py)")
   p.add_argument("--model", required=True, help="preset name, e.g. t5_1_1_small")
   p.add_argument("--batch", type=int, required=True)
   p.add_argument("--inputs", type=int, required=True, help="encoder input length L")
-  p.add_argument("--targets", type=int, required=True, help="decoder length T")
-  p.add_argument("--prompt", type=int, required=True, help="prompt length P")
+  p.add_argument("--targets", type=int, required=True,
+                 help="decoder length T (decode: new tokens; score: candidate length)")
+  p.add_argument("--prompt", type=int, default=None, help="prompt length P (train mode)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -371,6 +385,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")
+  bench_inference.add_arguments(p)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Command line: `ptuning score | info | train | eval | infer | promot | bench` (also `python -m ptuning`)."""
+"""Command line: `ptuning score | info | train | pretrain | eval | infer | promot | bench | plan`
+(also `python -m ptuning`)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def _add_info(sub):
 
 def _add_bench(sub):
   from ptuning import bench  # stdlib-only at import; JAX / torch load when it runs
-  p = sub.add_parser("bench", help="time one prompt-tuning train step (optionally vs HF PEFT)")
+  p = sub.add_parser("bench", help="time a train step (vs HF PEFT), greedy decoding or "
+                     "rank scoring (vs transformers)")
   bench.add_arguments(p)
   p.set_defaults(run=bench.run)
 
@@ -52,6 +54,8 @@ def _add_plan(sub):
 
 def _add_gin_commands(sub):
   for name, help_text in (("train", "train (or resume) a prompt / method on a task"),
+                          ("pretrain", "train a backbone itself (runs/pretrain.gin: UL2 "
+                           "denoisers, all parameters) and export it as an HF checkpoint"),
                           ("eval", "evaluate the latest checkpoint in MODEL_DIR"),
                           ("infer", "write predictions of the latest checkpoint as jsonl"),
                           ("promot", "ProMoT: prompt tuning, then fine-tuning with that prompt "
@@ -75,7 +79,10 @@ def run_gin_command(args) -> int:
     promot.run(*promot.load_config(args.gin_files, args.gin_bindings))
     return 0
   config = gin_setup.load_config(args.gin_files, args.gin_bindings)
-  if args.command == "train":
+  if args.command == "pretrain":
+    from ptuning.train import pretrain
+    pretrain.run(config)
+  elif args.command == "train":
     loop.train(config)
   elif args.command == "eval":
     loop.run_eval(config)
@@ -152,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
   from ptuning.gin_setup import parse
   gin_files, gin_bindings, rest = parse(sys.argv[1:] if argv is None else argv)
   args = build_parser().parse_args(rest)
-  if (gin_files or gin_bindings) and args.command not in ("train", "eval", "infer", "promot", "plan"):
+  if (gin_files or gin_bindings) and args.command not in ("train", "pretrain", "eval", "infer", "promot",
+                                                       "plan"):
     raise SystemExit(f"--gin_file / --gin.* apply to train, eval and infer, not {args.command}")
   args.gin_files, args.gin_bindings = gin_files, gin_bindings
   args.argv = list(sys.argv[1:] if argv is None else argv)  # `plan` re-executes itself

@@ -12,6 +12,10 @@ slow network (DCN between TPU slices, or between GPU nodes) by a hybrid mesh, wi
 'fsdp' rules shard 'embed' over ('replica', 'data') too: parameters and optimizer state are
 split over every data-parallel device (ZeRO-3 style); '2d' keeps them inside a slice. With
 replica == 1 the mesh is exactly the 2-axis ('data', 'model') mesh.
+
+`to_global_batch` turns each host's numpy rows into global `jax.Array`s split over the batch
+axis. It is pure JAX/numpy and lives here rather than in `ptuning.data` (the TensorFlow input
+pipeline), so code that only needs it (bench) never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -181,6 +185,32 @@ def logical_spec_to_mesh_spec(logical: Sequence[str | None], rules: LogicalRules
 def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
   """Sharding of a `[batch, ...]` input array: batch over the data axis, the rest replicated."""
   return NamedSharding(mesh, logical_spec_to_mesh_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def default_batch_axis(mesh: Mesh) -> str | tuple[str, ...]:
+  """('replica', 'data') on a mesh with a replica axis (`MeshConfig.replica > 1`), else 'data'."""
+  return (REPLICA_AXIS, "data") if REPLICA_AXIS in mesh.axis_names else "data"
+
+
+def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
+                    batch_axis: str | tuple[str, ...] | None = None,
+                    global_batch_size: int | None = None) -> dict[str, jax.Array]:
+  """Global `jax.Array`s `[global_batch, ...]` from this host's rows `[per_host_batch, ...]`.
+
+  Dimension 0 is sharded over the mesh axis (or axes) `batch_axis` (default:
+  `default_batch_axis(mesh)`) and replicated over the others; hosts' local batches are
+  concatenated in process order. If the rows number `global_batch_size`, they are the whole
+  global batch, identical on every process (`global_batches=True` in `ptuning.data.batches`),
+  and each device takes its own rows of it.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(batch_axis or default_batch_axis(mesh)))
+  out = {}
+  for key, value in local_batch.items():
+    value = np.asarray(value)
+    is_global = global_batch_size is not None and value.shape[0] == global_batch_size
+    out[key] = jax.make_array_from_process_local_data(
+        sharding, value, value.shape if is_global else None)
+  return out
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

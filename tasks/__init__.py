@@ -6,5 +6,7 @@
 - `glue`, `superglue`: T5's text-to-text GLUE/SuperGLUE tasks and `_rank` variants, from
   TFDS or the original files (`benchmark` holds the shared machinery, `metrics` T5's metrics,
   `rank` rank classification, `sources` a Python-reader SeqIO source).
+- `ul2`: UL2's mixture of denoisers (R/X/S, mode tokens) as SeqIO preprocessors, tasks, mixture.
+- `synthetic` (+ `synthetic_language`): deterministic synthetic xP3 data, text and vocabulary.
 - `registry`: gin-callable registration (`@tasks.xp3_mixture()`, `@tasks.benchmark_task()`).
 """

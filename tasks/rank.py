@@ -108,7 +108,8 @@ def score_examples(examples: Sequence[Mapping[str, Any]], logits_fn: LogitsFn,
   """Summed log p(targets | inputs) `[num_examples]` of tokenised examples.
 
   `logits_fn(inputs [B, L_in], decoder_input_tokens [B, L_tgt]) -> logits [B, L_tgt, V]`;
-  for a prompted model e.g. `functools.partial(prompted_logits, cfg, method, params)`.
+  for a trained run `ptuning.train.evaluation.make_logits_fn(exp, params)` (its method and
+  mode token, as in training).
   The last batch is padded with empty rows, whose scores are dropped.
   """
   from ptuning.model import decoding  # jax/flax only when scoring.

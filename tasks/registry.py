@@ -1,4 +1,5 @@
-"""Registering tasks by name from gin: `@tasks.xp3_mixture()`, `@tasks.benchmark_task()`.
+"""Registering tasks by name from gin: `@tasks.xp3_mixture()`, `@tasks.benchmark_task()`,
+`@tasks.ul2_mixture()`, `@tasks.mixture()` (a mixture of registered tasks and mixtures).
 
 Each function registers what it needs (idempotently) and returns a SeqIO name, so a gin
 file can write `MIXTURE_OR_TASK_NAME = @tasks.xp3_mixture()` (see
@@ -10,13 +11,14 @@ the line `import tasks.registry` (importing this module registers them with gin)
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import gin
 
 from ptuning.vocab import get_vocabulary
 from tasks.glue import GLUE_TASKS, register_glue_tasks
 from tasks.superglue import SUPERGLUE_TASKS, register_superglue_tasks
+from tasks.ul2 import register_ul2_tasks, text_file_source, ul2_denoisers
 from tasks.xp3 import register_xp3_directory, register_xp3_mixture
 
 
@@ -60,5 +62,40 @@ def benchmark_task(name: str, vocabulary_path: str | None = None,
   return name
 
 
-for _fn in (xp3_mixture, benchmark_task):
+def ul2_mixture(text_files: Sequence[str] | str, vocabulary_path: str | None = None,
+                name: str = "ul2", rates: Mapping[str, float] | None = None,
+                inputs_length: int = 512, targets_length: int = 512,
+                use_mode_tokens: bool = True, merge_texts: int = 1) -> str:
+  """Registers UL2's denoiser tasks over `.txt`/`.jsonl` text files and their mixture; its name.
+
+  `rates`: denoiser name (`tasks.ul2.UL2_DENOISERS`) -> rate, replacing UL2's default for
+  those named (0 drops one). `merge_texts`: lines joined per token stream (see
+  `tasks.ul2.ul2_denoise`).
+  """
+  vocabulary = _vocabulary(vocabulary_path, "ul2_mixture")
+  return register_ul2_tasks(name, text_file_source(text_files), vocabulary,
+                            denoisers=ul2_denoisers(rates or None), inputs_length=inputs_length,
+                            targets_length=targets_length, use_mode_tokens=use_mode_tokens,
+                            merge_texts=merge_texts)
+
+
+def mixture(name: str, parts: Mapping[str, float] | Sequence[tuple[str, float]]) -> str:
+  """Registers the SeqIO mixture `name` over registered tasks or mixtures `parts` (name ->
+  rate, or (name, rate) pairs, which gin can fill with `@tasks.ul2_mixture()` calls), e.g. UL2
+  denoising plus supervised multitask data for pretraining; returns `name`."""
+  import seqio
+  parts = dict(parts)
+  if not parts or any(rate < 0 for rate in parts.values()) or not sum(parts.values()) > 0:
+    raise ValueError(f"mixture {name!r} needs parts with non-negative rates summing to > 0, "
+                     f"got {dict(parts)}")
+  unknown = [part for part in parts if part not in seqio.TaskRegistry.names()
+             and part not in seqio.MixtureRegistry.names()]
+  if unknown:
+    raise ValueError(f"mixture {name!r}: {unknown} are neither registered tasks nor mixtures")
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, [(part, float(rate)) for part, rate in parts.items()])
+  return name
+
+
+for _fn in (xp3_mixture, benchmark_task, ul2_mixture, mixture):
   gin.external_configurable(_fn, module="tasks")

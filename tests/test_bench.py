@@ -1,7 +1,10 @@
-"""`ptuning bench`: the analytic FLOP count, and one tiny run against HF PEFT."""
+"""`ptuning bench`: the analytic FLOP count, one tiny run against HF PEFT, and tiny decode /
+score runs against transformers (without TensorFlow)."""
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +73,67 @@ def test_bench_tiny_against_peft(tmp_path, capsys):
   assert float(match.group(1)) == pytest.approx(result["speedup_vs_peft"], abs=0.005)
   assert result["speedup_vs_peft"] == pytest.approx(
       result["peft"]["step_s_median"] / result["ours"]["step_s_median"])
+
+
+INFERENCE_ARGS = ["bench", "--model", "tiny_t5_1_1", "--batch", "4", "--inputs", "24",
+                  "--targets", "6", "--steps", "2", "--warmup", "1"]
+
+
+def _check_inference_report(output: str, result: dict, mode: str) -> None:
+  assert result["config"]["mode"] == mode and "hardware: jax" in output
+  assert f"tokens/s = {result['tokens_per_s_definition']}" in output
+  for name in ("ours", "transformers"):
+    cells = _row(output, name)
+    batch_s, tokens_per_s = float(cells[1]), float(cells[3].replace(",", ""))
+    assert batch_s == pytest.approx(result[name]["batch_s_median"], abs=1e-4)
+    assert tokens_per_s == pytest.approx(result[name]["tokens_per_s"], rel=0.01, abs=1)
+    assert len(result[name]["batch_s_all"]) == 2 and result[name]["peak_rss"] > 0
+  match = re.search(r"^speed ratio ours / transformers: (\d+\.\d\d)$", output, re.M)
+  assert match and float(match.group(1)) == pytest.approx(
+      result["ratio_ours_over_transformers"], abs=0.005)
+  assert result["ratio_ours_over_transformers"] == pytest.approx(
+      result["transformers"]["batch_s_median"] / result["ours"]["batch_s_median"])
+
+
+def test_bench_decode_against_transformers_without_tensorflow(tmp_path):
+  # A fresh process, so that TensorFlow (loaded by other tests) cannot hide an import of it.
+  out_json = tmp_path / "decode.json"
+  script = ("import sys; from ptuning.cli import main; rc = main(sys.argv[1:]); "
+            "sys.exit(rc or 3 * ('tensorflow' in sys.modules))")
+  proc = subprocess.run([sys.executable, "-c", script, *INFERENCE_ARGS, "--mode", "decode",
+                         "--json", str(out_json)], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  result = json.loads(out_json.read_text())
+  _check_inference_report(proc.stdout, result, "decode")
+  assert result["ours"]["tokens_per_s"] == pytest.approx(
+      4 * 6 / result["ours"]["batch_s_median"])
+  check = result["check"]
+  assert check["tokens_compared"] == 3 * 4 * 6 and check["token_mismatches"] == 0, check
+  assert "check: 0 of 72 generated token ids differ (0 of 12 rows)" in proc.stdout
+
+
+def test_bench_score_against_transformers(tmp_path, capsys):
+  from ptuning.cli import main
+  out_json = tmp_path / "score.json"
+  assert main(INFERENCE_ARGS + ["--mode", "score", "--candidates", "3", "--json",
+                                str(out_json)]) == 0
+  output = capsys.readouterr().out
+  result = json.loads(out_json.read_text())
+  _check_inference_report(output, result, "score")
+  assert result["ours"]["tokens_per_s"] == pytest.approx(
+      4 * (24 + 3 * 6) / result["ours"]["batch_s_median"])
+  check = result["check"]
+  assert check["max_abs_diff"] < 1e-3 and check["rank_agreement"] == check["examples"] == 12
+  assert re.search(r"^check: max \|delta log-likelihood\| \d\.\d\de-\d\d; same top candidate in "
+                   r"12 of 12 examples$", output, re.M), output
+
+
+def test_bench_modules_do_not_import_tensorflow():
+  modules = ("ptuning.cli", "ptuning.bench", "ptuning.bench_inference", "ptuning.sharding",
+             "ptuning.param_tree", "ptuning.train.experiment", "ptuning.checkpoints.load",
+             "ptuning.model.decoding")
+  script = (f"import sys; import {', '.join(modules)}; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]

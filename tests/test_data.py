@@ -12,8 +12,8 @@ import seqio
 from jax.sharding import Mesh, PartitionSpec
 
 from ptuning.data import (BatchIterator, check_packing_compatible, make_batch_iterator,
-                          make_eval_examples, register_jsonl_task, resolve_task,
-                          to_global_batch)
+                          make_eval_examples, register_jsonl_task, resolve_task)
+from ptuning.sharding import to_global_batch
 from ptuning.vocab import encode_field, get_vocabulary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

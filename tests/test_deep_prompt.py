@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ptuning import gin_setup, param_tree, sharding
-from ptuning.data.batches import make_batch_iterator, to_global_batch
+from ptuning.data.batches import make_batch_iterator
 from ptuning.model import build, decoding
 from ptuning.model.config import PRESETS
 from ptuning.model.layers import RelativePositionBias, RMSNorm
@@ -20,6 +20,7 @@ from ptuning.model.t5 import EncoderDecoder, EncoderLayer, attention_mask_bias
 from ptuning.prompts.deep import DeepPrompt, num_encoder_layers
 from ptuning.prompts.method import prompted_logits
 from ptuning.prompts.vanilla import PromptTuning
+from ptuning.sharding import to_global_batch
 from ptuning.train import loop
 from ptuning.train.evaluation import predict
 from ptuning.train.experiment import TrainConfig, build_experiment

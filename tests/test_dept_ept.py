@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from ptuning import param_tree
-from ptuning.data.batches import to_global_batch
 from ptuning.prompts.dept import DePT
 from ptuning.prompts.ept import EPT
 from ptuning.prompts.vanilla import PromptTuning
+from ptuning.sharding import to_global_batch
 from ptuning.train import losses
 from ptuning.train.experiment import build_experiment
 from ptuning.train.step import loss_and_metrics

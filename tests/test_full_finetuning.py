@@ -12,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 
 from ptuning import gin_setup, param_tree, sharding
 from ptuning.checkpoints.train_state import TrainCheckpointer, flat_with_paths
-from ptuning.data.batches import make_batch_iterator, to_global_batch
+from ptuning.data.batches import make_batch_iterator
+from ptuning.sharding import to_global_batch
 from ptuning.train.experiment import build_experiment
 from ptuning.vocab import get_vocabulary
 from task_files import write_task

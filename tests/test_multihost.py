@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from ptuning import distributed, gin_setup, sharding
-from ptuning.data.batches import make_batch_iterator, to_global_batch
+from ptuning.data.batches import make_batch_iterator
 from ptuning.prompts.vanilla import PromptTuning
+from ptuning.sharding import to_global_batch
 from ptuning.train import loop
 from ptuning.train.experiment import TrainConfig, build_experiment
 from ptuning.vocab import get_vocabulary

@@ -16,11 +16,12 @@ import seqio
 
 from ptuning import gin_setup, param_tree, sharding
 from ptuning.checkpoints.train_state import read_trainable_params
-from ptuning.data.batches import make_batch_iterator, make_eval_examples, to_global_batch
+from ptuning.data.batches import make_batch_iterator, make_eval_examples
 from ptuning.data.jsonl import register_jsonl_task
 from ptuning.prompts.method import prompted_logits
 from ptuning.prompts.multitask import MPT, PromptBank, initialize_from_bank, source_prompt
 from ptuning.prompts.vanilla import PromptTuning
+from ptuning.sharding import to_global_batch
 from ptuning.train import loop, losses
 from ptuning.train.experiment import TrainConfig, build_experiment
 from ptuning.train.step import loss_and_metrics

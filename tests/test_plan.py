@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from ptuning import plan, sharding
-from ptuning.data.batches import to_global_batch
 from ptuning.prompts.vanilla import PromptTuning
+from ptuning.sharding import to_global_batch
 from ptuning.train.experiment import TrainConfig, build_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,9 @@ def test_base_model_plan_remat_and_microbatches_use_clearly_less_memory(tmp_path
   none, full, none_micro, _ = report["variants"]
   assert (none["remat"], full["remat"], none_micro["microbatches"]) == ("none", "full", 4)
   assert full["compiled_temp"] < 0.5 * none["compiled_temp"]
-  assert none_micro["compiled_temp"] < 0.5 * none["compiled_temp"]
+  # 0.52 with the recomputing attention (0.45 with plain attention, whose per-layer attention
+  # probabilities microbatching also quartered).
+  assert none_micro["compiled_temp"] < 0.6 * none["compiled_temp"]
   assert full["peak"] < 0.7 * none["peak"]
   # Same parameters either way; the base backbone in float32 replicated on every device.
   assert none["frozen_params"] == full["frozen_params"]

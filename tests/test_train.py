@@ -14,9 +14,10 @@ import pytest
 
 from ptuning import gin_setup, param_tree, sharding
 from ptuning.checkpoints import t5x
-from ptuning.data.batches import make_batch_iterator, to_global_batch
+from ptuning.data.batches import make_batch_iterator
 from ptuning.prompts import initializers
 from ptuning.prompts.vanilla import PromptTuning
+from ptuning.sharding import to_global_batch
 from ptuning.train import loop
 from ptuning.train.experiment import TrainConfig, build_experiment
 from ptuning.vocab import get_vocabulary

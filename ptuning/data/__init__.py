@@ -4,8 +4,8 @@
   into a SeqIO task, validating every line (`ValueError("path:lineno: ...")`).
 - `batches`: `make_batch_iterator` -> `BatchIterator` of per-host numpy batches from
   `seqio.get_dataset` with `EncDecFeatureConverter`, checkpointable by batch count
-  (`state()` / `restore()`); `make_eval_examples` for ordered evaluation examples;
-  `to_global_batch` assembles `jax.Array`s sharded along the batch over the mesh's data axis.
+  (`state()` / `restore()`); `make_eval_examples` for ordered evaluation examples.
+  (`ptuning.sharding.to_global_batch` then assembles `jax.Array`s sharded along the batch.)
 
 Packing is not supported together with soft prompts: the prompt is prepended to every
 example's encoder input, while a packed row concatenates several examples, so the prompt
@@ -29,8 +29,7 @@ except RuntimeError:  # TensorFlow's runtime was already initialised by someone 
   pass
 
 from ptuning.data.batches import (  # noqa: E402
-    BatchIterator, check_packing_compatible, make_batch_iterator, make_eval_examples,
-    to_global_batch)
+    BatchIterator, check_packing_compatible, make_batch_iterator, make_eval_examples)
 from ptuning.data.jsonl import (  # noqa: E402
     JsonlDataSource, jsonl_task_name, parse_jsonl_line, read_jsonl, register_jsonl_task,
     resolve_task)
@@ -38,5 +37,5 @@ from ptuning.data.jsonl import (  # noqa: E402
 __all__ = [
     "BatchIterator", "JsonlDataSource", "check_packing_compatible", "jsonl_task_name",
     "make_batch_iterator", "make_eval_examples", "parse_jsonl_line", "read_jsonl",
-    "register_jsonl_task", "resolve_task", "to_global_batch",
+    "register_jsonl_task", "resolve_task",
 ]

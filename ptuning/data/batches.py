@@ -1,9 +1,9 @@
-"""Per-host batches of a SeqIO task/mixture, their checkpointable position, and global arrays.
+"""Per-host batches of a SeqIO task/mixture and their checkpointable position.
 
 Every host builds the same tf.data pipeline over its own shard of the examples
 (`seqio.ShardInfo(jax.process_index(), jax.process_count())` by default) and yields
-`global_batch_size // num_shards` examples per step; `to_global_batch` joins the hosts'
-batches into `jax.Array`s sharded along the batch dimension over the mesh's data axis.
+`global_batch_size // num_shards` examples per step; `ptuning.sharding.to_global_batch` joins
+the hosts' batches into `jax.Array`s sharded along the batch dimension over the mesh's data axis.
 
 With `global_batches=True` every host instead builds the same unsharded stream and yields the
 whole global batch; `to_global_batch` then hands each device its own rows. Batches (and so
@@ -23,7 +23,6 @@ import jax
 import numpy as np
 import seqio
 import tensorflow as tf
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptuning.data.jsonl import resolve_task
 from ptuning.data.task_ids import (TASK_ID_FEATURE, TASK_IDS, TaskIdMixture, task_id_converter,
@@ -254,29 +253,3 @@ def make_eval_examples(mixture_or_task_name: str, split: str,
   except tf.errors.OpError as e:
     _reraise_input_error(e)
   return examples
-
-
-def default_batch_axis(mesh: Mesh) -> str | tuple[str, ...]:
-  """('replica', 'data') on a mesh with a replica axis (sharding.py), else 'data'."""
-  return ("replica", "data") if "replica" in mesh.axis_names else "data"
-
-
-def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                    batch_axis: str | tuple[str, ...] | None = None,
-                    global_batch_size: int | None = None) -> dict[str, jax.Array]:
-  """Global `jax.Array`s `[global_batch, ...]` from this host's rows `[per_host_batch, ...]`.
-
-  Dimension 0 is sharded over the mesh axis (or axes) `batch_axis` (default:
-  `default_batch_axis(mesh)`) and replicated over the others; hosts' local batches are
-  concatenated in process order. If the rows number `global_batch_size`, they are the whole
-  global batch, identical on every process (`global_batches=True`), and each device takes its
-  own rows of it.
-  """
-  sharding = NamedSharding(mesh, PartitionSpec(batch_axis or default_batch_axis(mesh)))
-  out = {}
-  for key, value in local_batch.items():
-    value = np.asarray(value)
-    is_global = global_batch_size is not None and value.shape[0] == global_batch_size
-    out[key] = jax.make_array_from_process_local_data(
-        sharding, value, value.shape if is_global else None)
-  return out

@@ -11,6 +11,7 @@ from typing import Any
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-silu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+ATTENTION_IMPLS = ("recompute", "plain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,17 @@ class T5Config:
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack layers with nn.scan: parameters get a leading 'layers' axis
   remat_policy: str = "none"  # rematerialisation of each layer, see REMAT_POLICIES
+  # 'recompute': the backward pass recomputes attention probabilities `[B, H, Q, K]` instead of
+  # keeping every layer's ('plain'); same forward (ptuning/model/layers.py).
+  attention_impl: str = "recompute"
 
   def __post_init__(self):
     if self.feed_forward not in FEED_FORWARD_KINDS:
       raise ValueError(f"feed_forward={self.feed_forward!r}; expected one of {FEED_FORWARD_KINDS}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
 
   @property
   def gated(self) -> bool:
@@ -101,6 +107,10 @@ PRESETS: dict[str, T5Config] = {
     "tiny_t5": T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                         num_encoder_layers=2, num_decoder_layers=2, feed_forward="relu",
                         tie_embeddings=True),
+    # The demo's self-made backbone (launch/nano_t5/): T5 1.1 layout over the 387-id synthetic
+    # vocabulary of tasks/synthetic.py (padded to 512), ~0.9M parameters.
+    "nano_t5": T5Config(vocab_size=512, d_model=96, d_kv=24, d_ff=256, num_heads=4,
+                        num_encoder_layers=3, num_decoder_layers=3, feed_forward="gated-gelu"),
     "tiny_ul2": T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_heads=4,
                          num_encoder_layers=2, num_decoder_layers=2, feed_forward="gated-silu"),
 }

@@ -7,10 +7,15 @@ names to mesh axes. Nothing here names a mesh axis.
 Numerics follow the reference T5 (and transformers' PyTorch port): no 1/sqrt(d_kv) scaling of
 attention logits (it is folded into the query initialiser), softmax and norm statistics in
 float32, relative position buckets computed in float32 with truncation.
+
+Memory: `recomputed_attention` (the default, `T5Config.attention_impl='recompute'`) keeps only
+q, k, v and the shared bias for the backward pass and recomputes the `[B, H, Q, K]` float32
+probabilities there, one call at a time; plain autodiff (`'plain'`) keeps them for every layer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -110,6 +115,54 @@ class RelativePositionBias(nn.Module):
     return bias[None]
 
 
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Array,
+                          dropout_rng: Array | None = None, dropout_rate: float = 0.0,
+                          dtype: jnp.dtype = jnp.float32) -> Array:
+  """T5's attention core: `query [B, Q, H, D]`, `key`, `value [B, K, H, D]`, `bias` float32
+  broadcastable to `[B, H, Q, K]` -> `[B, Q, H, D]`.
+
+  Logits are not scaled, softmax is float32, the weights are cast to `dtype` and, with a
+  `dropout_rng`, dropped out (`nn.Dropout(dropout_rate)`). Differentiated as it is, JAX keeps the
+  float32 `[B, H, Q, K]` probabilities (and softmax intermediates) of every call for the backward.
+  """
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+  if dropout_rng is not None:
+    weights = nn.Dropout(dropout_rate, parent=None).apply({}, weights, deterministic=False,
+                                                        rng=dropout_rng)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def recomputed_attention(query: Array, key: Array, value: Array, bias: Array,
+                         dropout_rng: Array | None, dropout_rate: float, dtype: jnp.dtype) -> Array:
+  """`dot_product_attention` (same arguments, same forward) whose backward pass recomputes the
+  `[B, H, Q, K]` scores and probabilities (and dropout mask) from the saved `query`, `key`,
+  `value`, `bias` instead of keeping them: one more `Q x K` product per call in the backward, and
+  `[B, H, Q, K]` float32 buffers live for one call at a time instead of for every layer."""
+  return dot_product_attention(query, key, value, bias, dropout_rng, dropout_rate, dtype)
+
+
+def _recomputed_fwd(query, key, value, bias, dropout_rng, dropout_rate, dtype):
+  out = dot_product_attention(query, key, value, bias, dropout_rng, dropout_rate, dtype)
+  return out, (query, key, value, bias, dropout_rng)
+
+
+def _recomputed_bwd(dropout_rate, dtype, residuals, grad):
+  query, key, value, bias, dropout_rng = residuals
+  # Make the recomputation depend on this call's cotangent (same shape and sharding as `query`;
+  # `+ 0 * grad` is exact for finite values): XLA's CPU scheduler otherwise runs every layer's
+  # recomputation as soon as its operands exist, early in the backward pass, and the saving is
+  # lost (an optimization barrier does not survive to CPU scheduling).
+  query = query + (grad * 0).astype(query.dtype)
+  attend = lambda q, k, v, b: dot_product_attention(q, k, v, b, dropout_rng, dropout_rate, dtype)
+  _, vjp = jax.vjp(attend, query, key, value, bias)
+  return (*vjp(grad), None)
+
+
+recomputed_attention.defvjp(_recomputed_fwd, _recomputed_bwd)
+
+
 class MultiHeadAttention(nn.Module):
   """T5 attention with joined-head kernels `[embed, heads * d_kv]`.
 
@@ -118,6 +171,8 @@ class MultiHeadAttention(nn.Module):
   self-attention stores `cached_key/value [batch, max_len, heads, d_kv]` written at
   `decode_position`; cross-attention (`is_cross=True`) stores the projected encoder
   keys/values once, at cache-initialisation time, and reuses them every step.
+  `attention_impl` 'recompute' (`recomputed_attention`) or 'plain' (`dot_product_attention`):
+  the same forward, only what the backward pass keeps differs.
   """
 
   num_heads: int
@@ -127,6 +182,7 @@ class MultiHeadAttention(nn.Module):
   deterministic: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "recompute"
 
   def _project(self, name: str, x: Array, init_scale: float = 1.0) -> Array:
     y = Dense(self.num_heads * self.d_kv, ("embed", "joined_kv"), init_scale, self.dtype,
@@ -158,11 +214,12 @@ class MultiHeadAttention(nn.Module):
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, index)
         key, value = cached_key.value, cached_value.value
 
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(scores + bias, axis=-1).astype(self.dtype)
+    dropout_rng = None
     if not self.deterministic and self.dropout_rate > 0:
-      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+      # The key the weights' `nn.Dropout` child has always drawn: the same masks as before.
+      dropout_rng = nn.Dropout(self.dropout_rate, name="Dropout_0").make_rng("dropout")
+    attend = recomputed_attention if self.attention_impl == "recompute" else dot_product_attention
+    out = attend(query, key, value, bias, dropout_rng, self.dropout_rate, self.dtype)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(out.shape[:2] + (self.num_heads * self.d_kv,))
     return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), 1.0, self.dtype, self.param_dtype,

@@ -19,6 +19,8 @@ layer has its own prompt), after the embedding dropout and before the layer's pr
                                                overwritten; they only fix P and the mask)
   'add':     x[:, :P] += layer_prompts[i]     (layer_prompts[0] adds to `apply`'s rows; all
                                                zeros is exactly the plain prompted encoder)
+`layer_prompt_offset=k` moves those rows to `[k:k+P]` (a UL2 mode token placed before the prompt,
+ptuning/prompts/mode_token.py); rows `[:k]` are then ordinary hidden states in every layer.
 With `scan_layers` the prompts are a scanned input (in_axes 0) of the layer scan.
 """
 
@@ -50,44 +52,50 @@ def _dtypes(cfg: T5Config) -> dict:
   return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
-def apply_layer_prompt(x: Array, prompt: Array, mode: str) -> Array:
-  """`x [B, L, E]`, `prompt [P, E] | [B, P, E]` -> x with rows `[:, :P]` replaced / added to."""
+def apply_layer_prompt(x: Array, prompt: Array, mode: str, offset: int = 0) -> Array:
+  """`x [B, L, E]`, `prompt [P, E] | [B, P, E]` -> x with rows `[:, offset:offset+P]` replaced /
+  added to."""
   prompt = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0],) + prompt.shape[-2:])
-  rows = prompt if mode == "replace" else x[:, :prompt.shape[1]] + prompt
-  return constrain(jnp.concatenate([rows, x[:, prompt.shape[1]:]], axis=1),
-                   ("batch", "length", "embed"))
+  end = offset + prompt.shape[1]
+  rows = prompt if mode == "replace" else x[:, offset:end] + prompt
+  pieces = ([x[:, :offset]] if offset else []) + [rows, x[:, end:]]
+  return constrain(jnp.concatenate(pieces, axis=1), ("batch", "length", "embed"))
 
 
-def _check_layer_prompts(layer_prompts: Array, mode: str, num_layers: int, embeds_shape) -> None:
+def _check_layer_prompts(layer_prompts: Array, mode: str, num_layers: int, embeds_shape,
+                         offset: int = 0) -> None:
   batch, length, width = embeds_shape
   shape = tuple(layer_prompts.shape)
   if mode not in LAYER_PROMPT_MODES:
     raise ValueError(f"unknown layer_prompt_mode {mode!r}; choose from {LAYER_PROMPT_MODES}")
   if (len(shape) not in (3, 4) or shape[0] != num_layers or shape[-1] != width
-      or (len(shape) == 4 and shape[1] != batch) or shape[-2] > length):
+      or (len(shape) == 4 and shape[1] != batch) or offset < 0 or offset + shape[-2] > length):
     raise ValueError(f"layer_prompts of shape {shape} do not fit [{num_layers}, P, {width}] or "
-                     f"[{num_layers}, {batch}, P, {width}] with P <= input length {length}")
+                     f"[{num_layers}, {batch}, P, {width}] with offset {offset} + P <= input "
+                     f"length {length}")
 
 
 class EncoderLayer(nn.Module):
   """Pre-norm self-attention + MLP; `(x [B, L, E], bias [B|1, H, L, L]) -> (x, None)`.
 
-  `prompt [P, E] | [B, P, E]` (optional) first replaces / is added to `x[:, :P]` (`prompt_mode`).
+  `prompt [P, E] | [B, P, E]` (optional) first replaces / is added to
+  `x[:, prompt_offset:prompt_offset+P]` (`prompt_mode`).
   """
 
   cfg: T5Config
   deterministic: bool = True
   prompt_mode: str = "replace"
+  prompt_offset: int = 0
 
   @nn.compact
   def __call__(self, x: Array, bias: Array, prompt: Array | None = None):
     cfg, dt = self.cfg, _dtypes(self.cfg)
     if prompt is not None:
-      x = apply_layer_prompt(x, prompt, self.prompt_mode)
+      x = apply_layer_prompt(x, prompt, self.prompt_mode, self.prompt_offset)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **dt)(x)
     h = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, deterministic=self.deterministic,
-                           name="attention", **dt)(h, h, bias)
+                           attention_impl=cfg.attention_impl, name="attention", **dt)(h, h, bias)
     x = x + dropout(h)
     h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **dt)(x)
     h = MlpBlock(cfg.d_ff, cfg.feed_forward, cfg.dropout_rate, self.deterministic, name="mlp", **dt)(h)
@@ -109,7 +117,8 @@ class DecoderLayer(nn.Module):
     cfg, dt = self.cfg, _dtypes(self.cfg)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
     attention = functools.partial(MultiHeadAttention, cfg.num_heads, cfg.d_kv, cfg.dropout_rate,
-                                  deterministic=self.deterministic, **dt)
+                                  deterministic=self.deterministic,
+                                  attention_impl=cfg.attention_impl, **dt)
     h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **dt)(x)
     h = attention(name="self_attention")(h, h, self_bias, decode=self.decode,
                                          decode_position=decode_position,
@@ -165,7 +174,8 @@ class Encoder(nn.Module):
   """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]` (bidirectional, relative positions).
 
   Optional `layer_prompts [N, P, E] | [N, B, P, E]`: per-layer prompts on rows `[:P]` of every
-  layer's input, `layer_prompt_mode` 'replace' | 'add' (see the module docstring).
+  layer's input (`[k:k+P]` with `layer_prompt_offset=k`), `layer_prompt_mode` 'replace' | 'add'
+  (see the module docstring).
   """
 
   cfg: T5Config
@@ -173,11 +183,12 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, embeds: Array, mask: Array, layer_prompts: Array | None = None,
-               layer_prompt_mode: str = "replace") -> Array:
+               layer_prompt_mode: str = "replace", layer_prompt_offset: int = 0) -> Array:
     cfg = self.cfg
     scanned_args = ()
     if layer_prompts is not None:
-      _check_layer_prompts(layer_prompts, layer_prompt_mode, cfg.num_encoder_layers, embeds.shape)
+      _check_layer_prompts(layer_prompts, layer_prompt_mode, cfg.num_encoder_layers, embeds.shape,
+                           layer_prompt_offset)
       scanned_args = (layer_prompts,)
     length = embeds.shape[1]
     positions = jnp.arange(length, dtype=jnp.int32)
@@ -189,7 +200,8 @@ class Encoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(embeds, deterministic=self.deterministic)
     x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
     x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 1, len(scanned_args),
-               deterministic=self.deterministic, prompt_mode=layer_prompt_mode)(
+               deterministic=self.deterministic, prompt_mode=layer_prompt_mode,
+               prompt_offset=layer_prompt_offset)(
                    x, bias, *scanned_args)
     x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_dtypes(cfg))(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
@@ -286,10 +298,11 @@ class EncoderDecoder(nn.Module):
     return constrain(self.token_embedder(tokens), ("batch", "length", "embed"))
 
   def encode_embeddings(self, embeds: Array, mask: Array, layer_prompts: Array | None = None,
-                        layer_prompt_mode: str = "replace") -> Array:
+                        layer_prompt_mode: str = "replace", layer_prompt_offset: int = 0) -> Array:
     """`embeds [B, L, E], mask [B, L] -> encoded [B, L, E]`; optional per-layer prompts
-    `layer_prompts [N, P, E] | [N, B, P, E]` ('replace' | 'add' rows `[:P]` of every layer's input)."""
-    return self.encoder(embeds, mask, layer_prompts, layer_prompt_mode)
+    `layer_prompts [N, P, E] | [N, B, P, E]` ('replace' | 'add' rows `[k:k+P]` of every layer's
+    input, k = `layer_prompt_offset`)."""
+    return self.encoder(embeds, mask, layer_prompts, layer_prompt_mode, layer_prompt_offset)
 
   def encode(self, encoder_input_tokens: Array) -> Array:
     return self.encoder(self.embed(encoder_input_tokens), encoder_input_tokens > 0)

@@ -27,11 +27,15 @@ def random_uniform(scale: float = 0.5) -> Initializer:
 
 def sampled_vocab(population: int = 5000, offset: int = 3) -> Initializer:
   """Rows of the frozen embedding for distinct ids drawn from `[offset, offset + population)`
-  (ids 0-2 are pad/eos/unk)."""
+  (ids 0-2 are pad/eos/unk); a vocabulary smaller than that is sampled whole."""
   def init(rng, embedding, shape):
-    ids = offset + jax.random.permutation(rng, population)[:shape[0]]
-    if shape[0] > population:
-      ids = offset + jax.random.randint(rng, (shape[0],), 0, population)
+    size = min(population, embedding.shape[0] - offset)
+    if size < 1:
+      raise ValueError(f"sampled_vocab: the embedding has {embedding.shape[0]} rows, none after "
+                       f"the first {offset}")
+    ids = offset + jax.random.permutation(rng, size)[:shape[0]]
+    if shape[0] > size:
+      ids = offset + jax.random.randint(rng, (shape[0],), 0, size)
     return jnp.take(embedding, ids, axis=0).astype(jnp.float32)
   return init
 

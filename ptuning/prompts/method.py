@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from ptuning.model.config import T5Config
 from ptuning.model.t5 import EncoderDecoder
+from ptuning.prompts.mode_token import ModeToken, check_method, insert_rows
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -44,9 +45,14 @@ class PromptMethod(Protocol):
 
 
 def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, tokens: Array,
-                    rng: jax.Array | None = None, task_ids: Array | None = None
-                    ) -> tuple[Array, Array]:
-  """`tokens [B, L]` -> (encoded `[B, L', E]`, encoder mask `[B, L']`) with the method applied."""
+                    rng: jax.Array | None = None, task_ids: Array | None = None,
+                    mode_token: ModeToken | None = None) -> tuple[Array, Array]:
+  """`tokens [B, L]` -> (encoded `[B, L', E]`, encoder mask `[B, L']`) with the method applied.
+
+  `mode_token` (ptuning/prompts/mode_token.py; None or no ids: none): its k ids are embedded
+  with the backbone's token embedding `[B, k, E]` and inserted (mask 1) before the method's P
+  prompt rows or between them and the inputs; deep prompts then act on rows `[k:k+P]` or `[:P]`.
+  """
   deterministic = rng is None
   model = EncoderDecoder(cfg, deterministic=deterministic)
   backbone = {"params": params["backbone"]}
@@ -56,20 +62,31 @@ def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, 
   if method is not None:
     embeds, mask, *rest = method.apply(params, embeds, mask, task_ids)
     layer_prompts = rest[0] if rest else None
+  offset = 0
+  if mode_token is not None and mode_token.ids:
+    check_method(method)
+    ids = jnp.broadcast_to(jnp.asarray(mode_token.ids, tokens.dtype),
+                           (tokens.shape[0], len(mode_token.ids)))
+    mode_embeds = model.apply(backbone, ids, method=EncoderDecoder.embed)  # [B, k, E]
+    prompt_rows = embeds.shape[1] - tokens.shape[1]
+    at = 0 if mode_token.position == "before_prompt" else prompt_rows
+    embeds, mask = insert_rows(embeds, mask, mode_embeds, at)
+    offset = mode_token.layer_prompt_offset
   mode = getattr(method, "layer_prompt_mode", "replace")
   rngs = None if deterministic else {"dropout": rng}
-  encoded = model.apply(backbone, embeds, mask, layer_prompts, mode,
+  encoded = model.apply(backbone, embeds, mask, layer_prompts, mode, offset,
                         method=EncoderDecoder.encode_embeddings, rngs=rngs)
   return encoded, mask
 
 
 def prompted_logits(cfg: T5Config, method: PromptMethod | None, params: Params, tokens: Array,
                     decoder_input_tokens: Array, rng: jax.Array | None = None,
-                    task_ids: Array | None = None) -> Array:
-  """Teacher-forced logits `[B, T, V]` (float32) of the prompted model."""
+                    task_ids: Array | None = None, mode_token: ModeToken | None = None) -> Array:
+  """Teacher-forced logits `[B, T, V]` (float32) of the prompted model (`mode_token`: see
+  `prompted_encode`)."""
   deterministic = rng is None
   enc_rng, dec_rng = (None, None) if deterministic else jax.random.split(rng)
-  encoded, mask = prompted_encode(cfg, method, params, tokens, enc_rng, task_ids)
+  encoded, mask = prompted_encode(cfg, method, params, tokens, enc_rng, task_ids, mode_token)
   model = EncoderDecoder(cfg, deterministic=deterministic)
   rngs = None if deterministic else {"dropout": dec_rng}
   return model.apply({"params": params["backbone"]}, encoded, mask, decoder_input_tokens,

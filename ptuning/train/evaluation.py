@@ -7,6 +7,9 @@ targets and predictions) and exact-match accuracy.
 Task ids (multitask prompts): when training ran on a SeqIO mixture, every evaluated example
 carries its task's index in the training mixture's task list (as the training batches do), and
 `decode` passes `task_ids [B]` to the method; see `eval_task_names`.
+
+Mode tokens (UL2 '[NLU]', ...): decoding and `make_logits_fn` (rank scoring) use the run's
+`exp.spec.mode_token`, so they see the encoder input the train step saw.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ptuning.data.batches import make_eval_examples
 from ptuning.data.jsonl import resolve_task
 from ptuning.data.task_ids import TASK_ID_FEATURE, task_names_of
 from ptuning.model import search
-from ptuning.prompts.method import prompted_encode
+from ptuning.prompts.method import prompted_encode, prompted_logits
 from ptuning.train.experiment import Experiment, TrainConfig
 
 
@@ -55,10 +58,20 @@ def make_decode_fn(exp: Experiment, max_decode_length: int, method: str, **kwarg
   `[B, max_decode_length]`."""
   @jax.jit
   def decode(params, tokens, task_ids=None):
-    encoded, mask = prompted_encode(exp.model, exp.method, params, tokens, task_ids=task_ids)
+    encoded, mask = prompted_encode(exp.model, exp.method, params, tokens, task_ids=task_ids,
+                                    mode_token=exp.spec.mode_token)
     return search.decode(exp.model, params["backbone"], encoded, mask, max_decode_length,
                          method=method, **kwargs)
   return decode
+
+
+def make_logits_fn(exp: Experiment, params: Any, task_ids: Any = None):
+  """(input tokens `[B, L]`, decoder input tokens `[B, T]`) -> teacher-forced logits `[B, T, V]`
+  of the prompted model (method and mode token as trained), jitted: the `logits_fn` of
+  tasks/rank.py's scoring. `task_ids [B]` (multitask methods) applies to every call."""
+  logits = jax.jit(lambda p, x, d, t: prompted_logits(exp.model, exp.method, p, x, d,
+                                                      task_ids=t, mode_token=exp.spec.mode_token))
+  return lambda tokens, decoder_input_tokens: logits(params, tokens, decoder_input_tokens, task_ids)
 
 
 def _text(ids: np.ndarray, vocab: seqio.Vocabulary) -> str:

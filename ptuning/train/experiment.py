@@ -19,6 +19,7 @@ from ptuning.checkpoints.load import load_backbone
 from ptuning.checkpoints.train_state import TrainState
 from ptuning.model import build
 from ptuning.model.config import T5Config, get_preset
+from ptuning.prompts import mode_token
 from ptuning.prompts.method import PromptMethod
 from ptuning.prompts.vanilla import PromptTuning
 from ptuning.train import optim
@@ -38,6 +39,11 @@ class TrainConfig:
   vocabulary_path: str | None = None
   method: PromptMethod | None = dataclasses.field(default_factory=PromptTuning)
   trainable_pattern: str | None = None  # default: the method's rule
+  # UL2 paradigm token ('[NLU]', '[NLG]', '[S2S]'; '' = none), tokenised with
+  # `vocabulary_path`, and its place: 'before_prompt' ([mode] [prompt] inputs) | 'after_prompt'
+  # ([prompt] [mode] inputs); see ptuning/prompts/mode_token.py.
+  mode_token: str = ""
+  mode_token_position: str = "before_prompt"
   train_steps: int = 100
   batch_size: int = 32
   microbatches: int = 1
@@ -71,6 +77,9 @@ class TrainConfig:
   decode_method: str = "greedy"
   max_decode_length: int = 0  # 0: task_feature_lengths['targets']
 
+  def __post_init__(self):
+    mode_token.check_position(self.mode_token_position)
+
 
 @dataclasses.dataclass
 class Experiment:
@@ -84,7 +93,10 @@ class Experiment:
   schedule: optax.Schedule
   spec: StepSpec
   frozen: Any  # the frozen part of the full tree, sharded
-  trainable_init: Any  # fresh trainable tree, sharded (used unless a checkpoint is restored)
+  # Fresh trainable tree, sharded (used unless a checkpoint is restored). `init_state` donates it
+  # to the train state and leaves its shape here (ShapeDtypeStructs with shardings): full
+  # fine-tuning then holds one copy of the backbone, not two.
+  trainable_init: Any
   state_shardings: Any
   frozen_shardings: Any
   backbone_path: str | None
@@ -102,8 +114,18 @@ class Experiment:
                           self.trainable_init)
 
   def init_state(self) -> TrainState:
-    init = jax.jit(init_train_state, static_argnums=1, out_shardings=self.state_shardings)
-    return init(self.trainable_init, self.optimizer)
+    """The step-0 train state, built from `trainable_init`, which is donated (its buffers become
+    the state's parameters) and replaced by its abstract shape: call this once per experiment."""
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(self.trainable_init)):
+      raise ValueError("trainable_init is abstract: init_state was already called (it donates "
+                       "the initial trainable tree) or the experiment is abstract")
+    init = jax.jit(init_train_state, static_argnums=1, out_shardings=self.state_shardings,
+                   donate_argnums=0)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            self.trainable_init)
+    state = init(self.trainable_init, self.optimizer)
+    self.trainable_init = abstract
+    return state
 
   def train_step_fn(self, batch: dict):
     return make_train_step(self.spec, self.state_shardings, self.frozen_shardings,
@@ -202,6 +224,10 @@ def build_experiment(config: TrainConfig, devices=None, abstract: bool = False) 
   rules = sharding.rules_for(config.mesh)
   overrides = _model_overrides(config)
   rng = jax.random.key(config.seed)
+  mode = mode_token.tokenize(config.mode_token, config.mode_token_position,
+                             config.vocabulary_path)
+  if mode.ids:
+    mode_token.check_method(config.method)
   if abstract:
     if config.model is None:
       raise ValueError("an abstract experiment (plan) needs MODEL, a preset name")
@@ -244,7 +270,7 @@ def build_experiment(config: TrainConfig, devices=None, abstract: bool = False) 
   spec = StepSpec(model=model, method=method, optimizer=optimizer, z_loss=config.z_loss,
                   label_smoothing=config.label_smoothing,
                   loss_normalizing_factor=config.loss_normalizing_factor,
-                  microbatches=config.microbatches)
+                  microbatches=config.microbatches, mode_token=mode)
   return Experiment(config=config, mesh=mesh, rules=rules, model=model, method=method, rule=rule,
                     optimizer=optimizer, schedule=schedule, spec=spec, frozen=frozen, trainable_init=trainable,
                     state_shardings=state_shardings, frozen_shardings=frozen_shardings,

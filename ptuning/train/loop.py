@@ -19,7 +19,8 @@ import jax
 
 from ptuning import distributed, param_tree, sharding
 from ptuning.checkpoints.train_state import TrainCheckpointer
-from ptuning.data.batches import make_batch_iterator, to_global_batch
+from ptuning.data.batches import make_batch_iterator
+from ptuning.sharding import to_global_batch
 from ptuning.train.evaluation import evaluate
 from ptuning.train.experiment import Experiment, TrainConfig, build_experiment
 from ptuning.vocab import get_vocabulary

@@ -24,6 +24,7 @@ from ptuning import param_tree
 from ptuning.checkpoints.train_state import TrainState
 from ptuning.model.config import T5Config
 from ptuning.prompts.method import PromptMethod, prompted_logits
+from ptuning.prompts.mode_token import ModeToken
 from ptuning.train import losses
 
 Array = jax.Array
@@ -41,6 +42,9 @@ class StepSpec:
   label_smoothing: float = 0.0
   loss_normalizing_factor: Any = None  # None | number | 'NUM_REAL_TARGET_TOKENS' | ...
   microbatches: int = 1
+  # UL2 mode token ids and position (ptuning/prompts/mode_token.py); the eval, decode and
+  # scoring paths of ptuning/train/evaluation.py read it from here too.
+  mode_token: ModeToken = ModeToken()
 
 
 def loss_and_metrics(trainable: Any, frozen: Any, batch: Batch, rng: Array | None,
@@ -48,7 +52,8 @@ def loss_and_metrics(trainable: Any, frozen: Any, batch: Batch, rng: Array | Non
   """Normalised loss of `batch` (a microbatch or the whole) and summed metrics."""
   params = param_tree.merge(trainable, frozen)
   logits = prompted_logits(spec.model, spec.method, params, batch["encoder_input_tokens"],
-                           batch["decoder_input_tokens"], rng, batch.get("task_ids"))
+                           batch["decoder_input_tokens"], rng, batch.get("task_ids"),
+                           spec.mode_token)
   targets = batch["decoder_target_tokens"]
   loss, z_loss, weight_sum = losses.compute_weighted_cross_entropy(
       logits, targets, weights, spec.label_smoothing, spec.z_loss, factor)

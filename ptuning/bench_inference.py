@@ -1,0 +1,354 @@
+"""`ptuning bench --mode decode|score`: greedy decoding and rank scoring against transformers.
+
+One random backbone from a preset is drawn in numpy (`random_backbone`, our initialisers' scales)
+and written once as a Hugging Face checkpoint (`write_hf_checkpoint`) by a small worker process;
+transformers (`T5ForConditionalGeneration.from_pretrained`, float32, `torch.inference_mode()`,
+CUDA when present) and ours (`load_backbone`, one device) both load that directory, so they run
+the very same weights. Transformers runs first in its own process
+(`python -m ptuning.bench_inference --_hf_worker SPEC`), so each process's peak RSS is its own and
+JAX holds no GPU memory meanwhile. Both time `warmup + steps` identical random batches (right-padded
+rows of random lengths, first row full) and fetch every result to the host inside the timed step.
+
+- decode: greedy, KV cache, exactly `T = --targets` new tokens per row. EOS stopping is off on
+  both sides (ours `eos_id=-1`; theirs `generation_config.eos_token_id = None`), so nothing is
+  suppressed and nothing stops early. Ours: one jit of encode + `decoding.greedy_decode` (a
+  `lax.while_loop` over the cache). Theirs: `generate(max_new_tokens=T, min_new_tokens=T,
+  do_sample=False, num_beams=1, use_cache=True)`. tokens/s = `B * T` generated tokens / second.
+  Every batch's token ids are compared (a float near-tie may flip one; it is counted, not fatal).
+- score (rank classification): `C = --candidates` targets `[B, C, T]` per input, summed
+  log-likelihood of each. Both encode each input once and run the decoder over the `B * C`
+  candidate rows (ours: one jit; theirs: the encoder, then one decoder forward with
+  `encoder_outputs` repeated per candidate, log-softmax gathered at the targets).
+  tokens/s = (`B * L` input + `B * C * T` target tokens, padding included) / second.
+  Log-likelihoods are compared (max |difference|, and whether the chosen candidate agrees).
+
+Like `ptuning.bench`, this module imports only the standard library at the top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from ptuning.bench import _gib, cpu_model_name, peak_rss_bytes, time_steps
+
+MODES = ("decode", "score")
+NO_EOS = -1  # an id no model produces: greedy decoding never stops early
+SCORE_TOLERANCE = 1e-3  # max |ours - transformers| summed log-likelihood expected in float32
+TOKENS_DEFINITION = {
+    "decode": "generated tokens B*T per batch / seconds per batch",
+    "score": "(B*L input + B*C*T candidate tokens, padding included) per batch / seconds per batch",
+}
+
+
+def random_backbone(cfg, seed: int = 0) -> dict:
+  """Canonical flat float32 parameters `{name: array}` drawn with our Flax initialisers' scales:
+  embedding N(0, 1); kernels `[in, out]` N(0, 1/in), queries N(0, 1/(in * d_kv)) (T5X folds the
+  attention scale into them); relative position biases `[heads, buckets]` U(+-sqrt(6/(heads +
+  buckets))); layer-norm scales 1."""
+  import numpy as np
+  from ptuning.checkpoints.validate import canonical_param_shapes
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name, shape in canonical_param_shapes(cfg).items():
+    if name.endswith("/scale"):
+      params[name] = np.ones(shape, np.float32)
+    elif name.endswith("/rel_embedding"):
+      limit = np.sqrt(6.0 / sum(shape))
+      params[name] = rng.uniform(-limit, limit, shape).astype(np.float32)
+    else:
+      scale = 1.0 if name == "token_embedder/embedding" else 1.0 / shape[0]
+      if name.endswith("/query/kernel"):
+        scale /= cfg.d_kv
+      array = rng.standard_normal(shape, dtype=np.float32)
+      array *= np.float32(np.sqrt(scale))
+      params[name] = array
+  return params
+
+
+def weights_worker(spec: dict) -> dict:
+  """Writes `random_backbone` of the preset as an HF checkpoint in `spec['checkpoint']`."""
+  from ptuning.checkpoints.hf import write_hf_checkpoint
+  from ptuning.model.config import get_preset
+  cfg = get_preset(spec["model"])
+  write_hf_checkpoint(random_backbone(cfg, spec["seed"]), cfg, spec["checkpoint"])
+  return {"checkpoint": spec["checkpoint"]}
+
+
+def _padded_rows(rng, rows: int, length: int, min_length: int, vocab: int):
+  """`[rows, length]` int32: random ids in [2, vocab) then EOS (1), right-padded with 0 to random
+  lengths in [min_length, length]; row 0 is full."""
+  import numpy as np
+  lengths = rng.integers(min_length, length + 1, rows)
+  lengths[0] = length
+  out = np.zeros((rows, length), np.int32)
+  for i, n in enumerate(lengths):
+    out[i, :n - 1] = rng.integers(2, vocab, n - 1)
+    out[i, n - 1] = 1
+  return out
+
+
+def make_batches(spec: dict, vocab: int) -> list[dict]:
+  """`warmup + steps` batches: `inputs [B, L]`, and for score `candidates [B, C, T]` (int32)."""
+  import numpy as np
+  rng = np.random.default_rng(spec["seed"] + 1)
+  b, length, t = spec["batch"], spec["inputs"], spec["targets"]
+  batches = []
+  for _ in range(spec["warmup"] + spec["steps"]):
+    batch = {"inputs": _padded_rows(rng, b, length, max(2, length // 4), vocab)}
+    if spec["mode"] == "score":
+      c = spec["candidates"]
+      rows = _padded_rows(rng, b * c, t, max(1, t // 2), vocab)
+      batch["candidates"] = rows.reshape(b, c, t)
+    batches.append(batch)
+  return batches
+
+
+def tokens_per_batch(spec: dict) -> int:
+  """The tokens behind one batch's tokens/s (see `TOKENS_DEFINITION`)."""
+  if spec["mode"] == "decode":
+    return spec["batch"] * spec["targets"]
+  return spec["batch"] * (spec["inputs"] + spec["candidates"] * spec["targets"])
+
+
+def _summary(times: list[float], spec: dict) -> dict:
+  median = statistics.median(times)
+  return {"batch_s_median": median, "batch_s_min": min(times), "batch_s_max": max(times),
+          "batch_s_all": times, "tokens_per_s": tokens_per_batch(spec) / median}
+
+
+def hf_worker(spec: dict) -> dict:
+  """The transformers side (its own process): same checkpoint, batches and outputs as ours."""
+  import numpy as np
+  import torch
+  import transformers
+  from transformers.modeling_outputs import BaseModelOutput
+
+  transformers.logging.set_verbosity_error()
+  torch.set_num_threads(os.cpu_count())
+  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+  rss_before = peak_rss_bytes()
+  model = transformers.T5ForConditionalGeneration.from_pretrained(
+      spec["checkpoint"], dtype=torch.float32).to(dev).eval()
+  model.generation_config.eos_token_id = None  # decode exactly T tokens, as ours (NO_EOS)
+  t, c = spec["targets"], spec.get("candidates")
+  batches = []
+  for batch in make_batches(spec, model.config.vocab_size):
+    ids = torch.as_tensor(batch["inputs"], dtype=torch.long, device=dev)
+    entry = {"ids": ids, "mask": (ids != 0).long()}
+    if spec["mode"] == "score":
+      targets = torch.as_tensor(batch["candidates"], dtype=torch.long, device=dev).view(-1, t)
+      decoder_inputs = torch.cat([torch.zeros_like(targets[:, :1]), targets[:, :-1]], dim=1)
+      entry.update(targets=targets, decoder_inputs=decoder_inputs,
+                   repeated_mask=entry["mask"].repeat_interleave(c, dim=0))
+    batches.append(entry)
+  outputs = []
+
+  def decode(b):
+    tokens = model.generate(input_ids=b["ids"], attention_mask=b["mask"], max_new_tokens=t,
+                            min_new_tokens=t, do_sample=False, num_beams=1, use_cache=True)
+    outputs.append(tokens[:, 1:].cpu().numpy())  # drop the decoder start token; synchronises
+
+  def score(b):
+    encoded = model.get_encoder()(input_ids=b["ids"], attention_mask=b["mask"]).last_hidden_state
+    logits = model(encoder_outputs=BaseModelOutput(encoded.repeat_interleave(c, dim=0)),
+                   attention_mask=b["repeated_mask"], decoder_input_ids=b["decoder_inputs"],
+                   use_cache=False).logits
+    picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, b["targets"][..., None])[..., 0]
+    outputs.append((picked * (b["targets"] > 0)).sum(-1).view(-1, c).cpu().numpy())
+
+  with torch.inference_mode():
+    times = time_steps(decode if spec["mode"] == "decode" else score, batches, spec["warmup"])
+  out = _summary(times, spec)
+  out.update(torch=torch.__version__, transformers=transformers.__version__,
+             threads=torch.get_num_threads(), device=str(dev), rss_before_build=rss_before,
+             peak_rss=peak_rss_bytes(), outputs=np.stack(outputs).tolist(),
+             untied_head=model.lm_head.weight is not model.shared.weight,
+             device_peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)
+  return out
+
+
+def make_decode_fn(cfg, max_new_tokens: int):
+  """jit `(params, inputs [B, L]) -> greedy ids [B, max_new_tokens]` int32: encoder, then the
+  cached greedy loop with EOS stopping off."""
+  import jax
+  from ptuning.model import decoding
+  from ptuning.model.t5 import EncoderDecoder
+  model = EncoderDecoder(cfg)
+
+  @jax.jit
+  def generate(params, inputs):
+    encoded = model.apply({"params": params}, inputs, method=EncoderDecoder.encode)
+    return decoding.greedy_decode(cfg, params, encoded, inputs > 0, max_new_tokens, NO_EOS)
+  return generate
+
+
+def make_rank_score_fn(cfg):
+  """jit `(params, inputs [B, L], candidates [B, C, T]) -> summed log p(candidate) [B, C]` f32:
+  each input encoded once, the decoder run over its `C` candidates (rank classification)."""
+  import jax
+  import jax.numpy as jnp
+  from ptuning.model import decoding
+  from ptuning.model.t5 import EncoderDecoder
+  model = EncoderDecoder(cfg)
+
+  @jax.jit
+  def score(params, inputs, candidates):
+    b, c, t = candidates.shape
+    encoded = model.apply({"params": params}, inputs, method=EncoderDecoder.encode)
+    targets = candidates.reshape(b * c, t)
+    logits = model.apply({"params": params}, jnp.repeat(encoded, c, axis=0),
+                         jnp.repeat(inputs > 0, c, axis=0), decoding.shift_right(targets),
+                         method=EncoderDecoder.decode_logits)
+    return decoding.sequence_log_likelihood(logits, targets).reshape(b, c)
+  return score
+
+
+def bench_ours(spec: dict) -> dict:
+  """Loads the checkpoint on one device, compiles once, times every batch; hardware included."""
+  import jax
+  import numpy as np
+  from ptuning import sharding
+  from ptuning.checkpoints.load import load_backbone
+
+  device = jax.devices()[0]
+  hardware = {"jax": jax.__version__, "backend": jax.default_backend(),
+              "device_kind": device.device_kind, "devices_used": 1, "cpu": cpu_model_name(),
+              "cores": os.cpu_count(), "platform": platform.platform()}
+  rss_before = peak_rss_bytes()
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), [device])
+  cfg, params = load_backbone(spec["checkpoint"], mesh, spec["model"])
+  fn = (make_decode_fn(cfg, spec["targets"]) if spec["mode"] == "decode"
+        else make_rank_score_fn(cfg))
+  keys = ("inputs",) if spec["mode"] == "decode" else ("inputs", "candidates")
+  batches = [tuple(jax.device_put(b[k], device) for k in keys)
+             for b in make_batches(spec, cfg.vocab_size)]
+  start = time.perf_counter()
+  compiled = fn.lower(params, *batches[0]).compile()
+  compile_s = time.perf_counter() - start
+  outputs = []
+  times = time_steps(lambda b: outputs.append(np.asarray(compiled(params, *b))), batches,
+                     spec["warmup"])
+  out = _summary(times, spec)
+  stats = device.memory_stats() or {}
+  out.update(compile_s=compile_s, rss_before_build=rss_before, peak_rss=peak_rss_bytes(),
+             device_peak_bytes=stats.get("peak_bytes_in_use"), outputs=np.stack(outputs))
+  return {"hardware": hardware, "ours": out}
+
+
+def compare(mode: str, ours, theirs) -> dict:
+  """decode: differing token ids (and rows); score: max |difference| and rank agreement."""
+  import numpy as np
+  ours, theirs = np.asarray(ours), np.asarray(theirs)
+  if mode == "decode":
+    differ = ours != theirs
+    return {"token_mismatches": int(differ.sum()), "tokens_compared": int(differ.size),
+            "rows_differing": int(differ.any(axis=-1).sum()), "rows": int(differ[..., 0].size)}
+  return {"max_abs_diff": float(np.max(np.abs(ours - theirs))),
+          "rank_agreement": int((ours.argmax(-1) == theirs.argmax(-1)).sum()),
+          "examples": int(ours[..., 0].size)}
+
+
+def _run_worker(flag: str, spec: dict) -> dict:
+  """`python -m ptuning.bench_inference FLAG SPEC` in a fresh process; its last stdout line is
+  the JSON result."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (root, os.environ.get("PYTHONPATH")) if p))
+  proc = subprocess.run([sys.executable, "-m", "ptuning.bench_inference", flag, json.dumps(spec)],
+                        capture_output=True, text=True, env=env)
+  if proc.returncode:
+    raise RuntimeError(f"{flag} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _row(name: str, r: dict) -> str:
+  device = _gib(r["device_peak_bytes"]) if r.get("device_peak_bytes") else "n/a"
+  return (f"{name:<14}{r['batch_s_median']:>12.4f}{r['batch_s_min']:>10.4f}"
+          f"{r['tokens_per_s']:>12,.0f}{r['peak_rss'] / 2**30:>14.2f}{device:>14}")
+
+
+def _check_line(mode: str, check: dict) -> str:
+  if mode == "decode":
+    note = ("" if not check["token_mismatches"] else
+            " -- a float near-tie flipped a greedy choice; its row diverges from there")
+    return (f"check: {check['token_mismatches']} of {check['tokens_compared']} generated token ids "
+            f"differ ({check['rows_differing']} of {check['rows']} rows){note}")
+  note = ("" if check["max_abs_diff"] < SCORE_TOLERANCE else
+          f" -- ABOVE the {SCORE_TOLERANCE:g} tolerance")
+  return (f"check: max |delta log-likelihood| {check['max_abs_diff']:.2e}; same top candidate in "
+          f"{check['rank_agreement']} of {check['examples']} examples{note}")
+
+
+def run(args) -> int:
+  """`bench --mode decode|score`: prints config, hardware, both rows and the ratio; `--json`."""
+  if args.dtype != "float32" or args.mesh or args.vs or args.method != "prompt_tuning":
+    raise SystemExit(f"--mode {args.mode} compares float32 on one device with transformers: "
+                     "drop --dtype / --mesh / --vs / --method")
+  spec = {k: getattr(args, k) for k in ("mode", "model", "batch", "inputs", "targets", "steps",
+                                        "warmup")}
+  if args.mode == "score":
+    spec["candidates"] = args.candidates
+  spec.update(dtype="float32", seed=0)
+  what = (f"greedy, KV cache, exactly {spec['targets']} new tokens (EOS stopping off on both sides)"
+          if args.mode == "decode" else
+          f"rank classification: {args.candidates} candidates of {spec['targets']} tokens per input,"
+          " encoder once per input")
+  print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()) + f" | {what}", flush=True)
+  load_average = os.getloadavg()[0]
+  with tempfile.TemporaryDirectory(prefix="ptuning-bench-") as tmp:
+    spec["checkpoint"] = tmp
+    _run_worker("--_weights_worker", spec)
+    # transformers first, in its own process, while this one holds no JAX memory.
+    theirs = _run_worker("--_hf_worker", spec)
+    result = bench_ours(spec)
+  del spec["checkpoint"]
+  hw, ours = result["hardware"], result["ours"]
+  hw["load_average"] = load_average
+  check = compare(args.mode, ours.pop("outputs"), theirs.pop("outputs"))
+  ratio = theirs["batch_s_median"] / ours["batch_s_median"]
+  print(f"hardware: jax {hw['jax']} {hw['backend']} backend, 1 x {hw['device_kind']} | CPU: "
+        f"{hw['cpu']} | {hw['cores']} cores | load average {load_average:.2f}")
+  print(f"ours: one jit ({'encode + greedy_decode' if args.mode == 'decode' else 'encode + score'})"
+        f" | compile {ours['compile_s']:.1f} s | peak RSS {_gib(ours['peak_rss'])} "
+        f"({_gib(ours['rss_before_build'])} after imports)")
+  call = (f"generate(max_new_tokens={spec['targets']}, min_new_tokens={spec['targets']}, "
+          "num_beams=1, do_sample=False, use_cache=True)" if args.mode == "decode" else
+          "encoder once + decoder over candidates (encoder_outputs)")
+  print(f"transformers: {theirs['transformers']}, torch {theirs['torch']} ({theirs['threads']} "
+        f"threads, {theirs['device']}), float32, inference_mode, {call} | peak RSS "
+        f"{_gib(theirs['peak_rss'])} ({_gib(theirs['rss_before_build'])} after imports)")
+  print(f"tokens/s = {TOKENS_DEFINITION[args.mode]} = {tokens_per_batch(spec):,} tokens")
+  print(f"\n{'impl':<14}{'s/batch med':>12}{'min s':>10}{'tokens/s':>12}{'peak RSS GiB':>14}"
+        f"{'device peak':>14}")
+  print(_row("ours", ours))
+  print(_row("transformers", theirs))
+  print(f"speed ratio ours / transformers: {ratio:.2f}")
+  print(_check_line(args.mode, check))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"config": spec, "hardware": hw, "tokens_per_s_definition":
+                 TOKENS_DEFINITION[args.mode], "ours": ours, "transformers": theirs,
+                 "ratio_ours_over_transformers": ratio, "check": check}, f, indent=2)
+  return 0
+
+
+def add_arguments(p) -> None:
+  """The options only decode / score use (the rest are `ptuning.bench`'s)."""
+  p.add_argument("--candidates", type=int, default=2,
+                 help="score mode: candidate targets per input (C)")
+
+
+WORKERS = {"--_weights_worker": weights_worker, "--_hf_worker": hf_worker}
+
+if __name__ == "__main__":
+  if len(sys.argv) != 3 or sys.argv[1] not in WORKERS:
+    raise SystemExit(f"usage: python -m ptuning.bench_inference {{{'|'.join(WORKERS)}}} SPEC_JSON"
+                     " (run `ptuning bench --mode decode|score` instead)")
+  print(json.dumps(WORKERS[sys.argv[1]](json.loads(sys.argv[2]))))

@@ -1,0 +1,113 @@
+"""Attention memory: `attention_impl='recompute'` (the default) drops the per-layer float32
+attention probabilities from the compiled prompt-tuning step and changes no number that matters.
+
+Memory figures come from XLA's compiled memory analysis of the abstract step (deterministic, no
+timing); outputs and gradients from one tiny backbone run both ways.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from ptuning import param_tree, plan
+from ptuning.model.config import T5Config
+from ptuning.prompts.method import prompted_logits
+from ptuning.prompts.vanilla import PromptTuning
+from ptuning.train import losses
+from ptuning.train.experiment import TrainConfig, build_experiment
+from ptuning.train.step import loss_and_metrics
+
+# Attention-heavy on purpose: `[B, H, P+L, P+L]` float32 is 1 MiB per layer, activations 64 KiB;
+# six encoder layers so that what is kept per layer outweighs one layer's backward transients.
+MODEL = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_encoder_layers=6,
+                 num_decoder_layers=2)
+BATCH, INPUTS, TARGETS, PROMPT = 4, 120, 4, 8
+
+
+def config(tmp_path, impl: str, method="prompt_tuning", dropout_rate=0.0) -> TrainConfig:
+  return TrainConfig(model_dir=str(tmp_path), model=MODEL.replace(attention_impl=impl),
+                     method=PromptTuning(length=PROMPT) if method == "prompt_tuning" else None,
+                     batch_size=BATCH, dropout_rate=dropout_rate,
+                     task_feature_lengths={"inputs": INPUTS, "targets": TARGETS})
+
+
+def compiled_memory(cfg: TrainConfig) -> dict:
+  exp = build_experiment(cfg, devices=jax.devices()[:1], abstract=True)
+  batch = plan.abstract_batch(cfg)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  analysis = exp.train_step_fn(batch).lower(exp.abstract_state, exp.frozen, batch,
+                                            rng).compile().memory_analysis()
+  return {k: getattr(analysis, f"{k}_size_in_bytes") for k in ("argument", "temp")}
+
+
+def test_recompute_drops_the_attention_probabilities_from_the_prompt_tuning_step(tmp_path):
+  plain = compiled_memory(config(tmp_path, "plain"))
+  recompute = compiled_memory(config(tmp_path, "recompute"))
+  length = PROMPT + INPUTS
+  probabilities = BATCH * MODEL.num_heads * length * length * 4  # one float32 [B, H, S, S]
+  assert plain["argument"] == recompute["argument"]
+  # Plain autodiff keeps at least the probabilities of every encoder layer (in practice also the
+  # softmax's exponentials and normaliser); recompute keeps none of them.
+  saved = plain["temp"] - recompute["temp"]
+  assert saved >= MODEL.num_encoder_layers * probabilities, (plain, recompute)
+
+
+def batch_of(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(2, MODEL.vocab_size, (BATCH, INPUTS)).astype(np.int32)
+  tokens[1, 90:] = 0  # padding: the mask bias matters
+  targets = rng.integers(2, MODEL.vocab_size, (BATCH, TARGETS)).astype(np.int32)
+  decoder = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], axis=1)
+  return {"encoder_input_tokens": tokens, "decoder_input_tokens": decoder,
+          "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
+
+
+@pytest.mark.parametrize("method,dropout_rate", [("prompt_tuning", 0.0), ("prompt_tuning", 0.2),
+                                                 ("full_finetuning", 0.0)])
+def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dropout_rate):
+  exp = build_experiment(config(tmp_path, "plain", method, dropout_rate),
+                         devices=jax.devices()[:1])
+  batch = batch_of()
+  factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
+  rng = jax.random.key(3) if dropout_rate else None
+  results = {}
+  for impl in ("plain", "recompute"):
+    spec = dataclasses.replace(exp.spec, model=exp.model.replace(attention_impl=impl))
+    grad_fn = jax.jit(jax.grad(lambda t, f, b, r, w: loss_and_metrics(t, f, b, r, spec, factor, w),
+                               has_aux=True))
+    grads, metrics = grad_fn(exp.trainable_init, exp.frozen, batch, rng, weights)
+    params = param_tree.merge(exp.trainable_init, exp.frozen)
+    logits = jax.jit(lambda p, e, d, r: prompted_logits(spec.model, spec.method, p, e, d, r))(
+        params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], rng)
+    results[impl] = (np.asarray(logits), float(metrics["loss"]), grads)
+  (logits_p, loss_p, grads_p), (logits_r, loss_r, grads_r) = results["plain"], results["recompute"]
+  np.testing.assert_allclose(logits_r, logits_p, rtol=0, atol=1e-6)
+  assert loss_r == pytest.approx(loss_p, rel=1e-6)
+  flat_p, flat_r = jax.tree.leaves_with_path(grads_p), jax.tree.leaves(grads_r)
+  assert len(flat_p) == len(flat_r) and len(flat_p) >= (1 if method == "prompt_tuning" else 30)
+  for (path, g_p), g_r in zip(flat_p, flat_r):
+    g_p, g_r = np.asarray(g_p), np.asarray(g_r)
+    scale = np.abs(g_p).max()
+    assert scale > 0, jax.tree_util.keystr(path)  # every trainable leaf gets a gradient
+    np.testing.assert_allclose(g_r, g_p, rtol=0, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_init_state_donates_the_initial_trainable_tree(tmp_path):
+  """Full fine-tuning: the train state takes over the initial backbone's buffers, so the
+  experiment no longer holds a second copy; `trainable_init` keeps only shapes and shardings."""
+  exp = build_experiment(config(tmp_path, "recompute", "full_finetuning"),
+                         devices=jax.devices()[:1])
+  initial = jax.tree.leaves(exp.trainable_init)
+  pointers = [x.unsafe_buffer_pointer() for x in initial]
+  state = exp.init_state()
+  assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.params)] == pointers
+  assert all(x.is_deleted() for x in initial)
+  abstract = jax.tree.leaves(exp.trainable_init)
+  assert all(isinstance(a, jax.ShapeDtypeStruct) and a.shape == x.shape and a.sharding == x.sharding
+             for a, x in zip(abstract, initial))
+  assert param_tree.count(exp.trainable_init) == param_tree.count(state.params)
+  with pytest.raises(ValueError, match="already called"):
+    exp.init_state()
