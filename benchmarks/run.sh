@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Reproduces the README's performance tables: writes benchmarks/<name>.json and prints each run.
-# Usage: bash benchmarks/run.sh [cpu|methods|inference]   (run on a quiet machine; timings are
-# medians). inference: greedy decoding and rank scoring against transformers (same weights).
+# Usage: bash benchmarks/run.sh [cpu|methods|inference|memory]   (run on a quiet machine; timings are
+# medians). memory: prompt tuning vs full fine-tuning with attention kept / recomputed and
+# with scan + full remat. inference: greedy decoding and rank scoring against transformers (same weights).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 what=${1:-cpu}
 case "$what" in
-  cpu|methods|inference) ;;
-  *) echo "usage: bash benchmarks/run.sh [cpu|methods|inference]" >&2; exit 2 ;;
+  cpu|methods|inference|memory) ;;
+  *) echo "usage: bash benchmarks/run.sh [cpu|methods|inference|memory]" >&2; exit 2 ;;
 esac
 if [ "$what" = cpu ]; then
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
@@ -27,4 +28,14 @@ if [ "$what" = inference ]; then
     --steps 5 --warmup 2 --json benchmarks/inference_decode_t5_1_1_small.json
   "$PY" -m ptuning bench --mode score --model t5_1_1_small --batch 8 --inputs 256 --targets 4 \
     --candidates 2 --steps 10 --warmup 2 --json benchmarks/inference_score_t5_1_1_small.json
+fi
+if [ "$what" = memory ]; then
+  for method in prompt_tuning full_finetuning; do
+    for variant in "plain:--attention plain" "recompute:" "scan_full:--scan_layers --remat full"; do
+      # shellcheck disable=SC2086
+      "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
+        --steps 2 --warmup 1 --method "$method" ${variant#*:} \
+        --json "benchmarks/memory_t5_1_1_base_${method}_${variant%%:*}.json"
+    done
+  done
 fi

@@ -192,6 +192,7 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   from ptuning import sharding
   from ptuning.sharding import to_global_batch
   from ptuning import param_tree
+  from ptuning.model.config import get_preset
   from ptuning.train.experiment import TrainConfig, build_experiment
 
   device = jax.devices()[0]
@@ -203,12 +204,14 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   rss_before = peak_rss_bytes()
   with tempfile.TemporaryDirectory() as tmp:
     exp = build_experiment(TrainConfig(
-        model_dir=tmp, model=spec["model"], initial_checkpoint_path=None,
+        model_dir=tmp, initial_checkpoint_path=None,
+        model=get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute")),
         method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
         trainable_pattern=TRAINABLE_OVERRIDES.get(spec["method"]),
         batch_size=spec["batch"],
         task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
         dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
+        remat_policy=spec.get("remat", "none"), scan_layers=spec.get("scan_layers", False),
         mesh=sharding.parse_mesh_spec(spec["mesh"])))
   batches = [to_global_batch(b, exp.mesh) for b in random_batches(
       spec["warmup"] + spec["steps"], spec["batch"], spec["inputs"], spec["targets"],
@@ -324,7 +327,8 @@ def run(args) -> int:
     raise SystemExit("--vs peft compares prompt tuning: use --method prompt_tuning")
   from ptuning.model.config import get_preset
   spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
-                                        "warmup", "dtype", "method", "mesh")}
+                                        "warmup", "dtype", "method", "mesh", "remat",
+                                        "scan_layers", "attention")}
   flops = step_flops(get_preset(args.model), spec)
   print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()), flush=True)
   load_average = os.getloadavg()[0]
@@ -382,6 +386,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--method", default="prompt_tuning", choices=METHODS)
+  p.add_argument("--remat", default="none", help="remat policy of each layer (train mode)")
+  p.add_argument("--scan_layers", action="store_true", help="nn.scan over layers (train mode)")
+  p.add_argument("--attention", default="recompute", choices=("recompute", "plain"),
+                 help="attention backward: recompute probabilities (default) or keep them")
   p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")

@@ -17,7 +17,7 @@ from tasks import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 NANO = ROOT / "launch" / "nano_t5"
-REPRODUCED_STEPS = 200
+REPRODUCED_STEPS = 100
 
 
 def test_committed_backbone_is_the_nano_preset_and_small():
