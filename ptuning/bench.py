@@ -292,16 +292,22 @@ def peft_worker(spec: dict) -> dict:
   return out
 
 
-def run_peft(spec: dict) -> dict:
-  """`peft_worker(spec)` in a fresh Python process; its last stdout line is the JSON result."""
+def run_worker(module: str, flag: str, spec: dict) -> dict:
+  """`python -m MODULE FLAG SPEC` in a fresh Python process; its last stdout line is the JSON
+  result (used for every peer and helper process of the benches)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (root, os.environ.get("PYTHONPATH")) if p))
-  proc = subprocess.run([sys.executable, "-m", "ptuning.bench", "--_peft_worker", json.dumps(spec)],
+  proc = subprocess.run([sys.executable, "-m", module, flag, json.dumps(spec)],
                         capture_output=True, text=True, env=env)
   if proc.returncode:
-    raise RuntimeError(f"PEFT worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    raise RuntimeError(f"{flag} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_peft(spec: dict) -> dict:
+  """`peft_worker(spec)` in a fresh Python process."""
+  return run_worker("ptuning.bench", "--_peft_worker", spec)
 
 
 def _gib(n: int | None) -> str:

@@ -1,7 +1,7 @@
 """`ptuning bench --mode decode|score`: greedy decoding and rank scoring against transformers.
 
-One random backbone from a preset is drawn in numpy (`random_backbone`, our initialisers' scales)
-and written once as a Hugging Face checkpoint (`write_hf_checkpoint`) by a small worker process;
+One random backbone from a preset (`build.init_params`) is written once as a Hugging Face
+checkpoint (`write_hf_checkpoint`) by a small worker process;
 transformers (`T5ForConditionalGeneration.from_pretrained`, float32, `torch.inference_mode()`,
 CUDA when present) and ours (`load_backbone`, one device) both load that directory, so they run
 the very same weights. Transformers runs first in its own process
@@ -31,12 +31,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from ptuning.bench import _gib, cpu_model_name, peak_rss_bytes, time_steps
+from ptuning.bench import _gib, cpu_model_name, peak_rss_bytes, run_worker, time_steps
 
 MODES = ("decode", "score")
 NO_EOS = -1  # an id no model produces: greedy decoding never stops early
@@ -47,37 +46,18 @@ TOKENS_DEFINITION = {
 }
 
 
-def random_backbone(cfg, seed: int = 0) -> dict:
-  """Canonical flat float32 parameters `{name: array}` drawn with our Flax initialisers' scales:
-  embedding N(0, 1); kernels `[in, out]` N(0, 1/in), queries N(0, 1/(in * d_kv)) (T5X folds the
-  attention scale into them); relative position biases `[heads, buckets]` U(+-sqrt(6/(heads +
-  buckets))); layer-norm scales 1."""
-  import numpy as np
-  from ptuning.checkpoints.validate import canonical_param_shapes
-  rng = np.random.default_rng(seed)
-  params = {}
-  for name, shape in canonical_param_shapes(cfg).items():
-    if name.endswith("/scale"):
-      params[name] = np.ones(shape, np.float32)
-    elif name.endswith("/rel_embedding"):
-      limit = np.sqrt(6.0 / sum(shape))
-      params[name] = rng.uniform(-limit, limit, shape).astype(np.float32)
-    else:
-      scale = 1.0 if name == "token_embedder/embedding" else 1.0 / shape[0]
-      if name.endswith("/query/kernel"):
-        scale /= cfg.d_kv
-      array = rng.standard_normal(shape, dtype=np.float32)
-      array *= np.float32(np.sqrt(scale))
-      params[name] = array
-  return params
-
-
 def weights_worker(spec: dict) -> dict:
-  """Writes `random_backbone` of the preset as an HF checkpoint in `spec['checkpoint']`."""
+  """Writes a random backbone of the preset (`build.init_params`, seed `spec['seed']`) as an HF
+  checkpoint in `spec['checkpoint']`."""
+  import jax
+  from ptuning import sharding
   from ptuning.checkpoints.hf import write_hf_checkpoint
+  from ptuning.model import build
   from ptuning.model.config import get_preset
   cfg = get_preset(spec["model"])
-  write_hf_checkpoint(random_backbone(cfg, spec["seed"]), cfg, spec["checkpoint"])
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
+  params = build.init_params(cfg, jax.random.key(spec["seed"]), mesh)
+  write_hf_checkpoint(build.host_params(params), cfg, spec["checkpoint"])
   return {"checkpoint": spec["checkpoint"]}
 
 
@@ -255,19 +235,6 @@ def compare(mode: str, ours, theirs) -> dict:
           "examples": int(ours[..., 0].size)}
 
 
-def _run_worker(flag: str, spec: dict) -> dict:
-  """`python -m ptuning.bench_inference FLAG SPEC` in a fresh process; its last stdout line is
-  the JSON result."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      p for p in (root, os.environ.get("PYTHONPATH")) if p))
-  proc = subprocess.run([sys.executable, "-m", "ptuning.bench_inference", flag, json.dumps(spec)],
-                        capture_output=True, text=True, env=env)
-  if proc.returncode:
-    raise RuntimeError(f"{flag} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _row(name: str, r: dict) -> str:
   device = _gib(r["device_peak_bytes"]) if r.get("device_peak_bytes") else "n/a"
   return (f"{name:<14}{r['batch_s_median']:>12.4f}{r['batch_s_min']:>10.4f}"
@@ -304,9 +271,9 @@ def run(args) -> int:
   load_average = os.getloadavg()[0]
   with tempfile.TemporaryDirectory(prefix="ptuning-bench-") as tmp:
     spec["checkpoint"] = tmp
-    _run_worker("--_weights_worker", spec)
+    run_worker("ptuning.bench_inference", "--_weights_worker", spec)
     # transformers first, in its own process, while this one holds no JAX memory.
-    theirs = _run_worker("--_hf_worker", spec)
+    theirs = run_worker("ptuning.bench_inference", "--_hf_worker", spec)
     result = bench_ours(spec)
   del spec["checkpoint"]
   hw, ours = result["hardware"], result["ours"]

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 import gin
+import seqio
 
 from ptuning.vocab import get_vocabulary
 from tasks.glue import GLUE_TASKS, register_glue_tasks
@@ -83,7 +84,6 @@ def mixture(name: str, parts: Mapping[str, float] | Sequence[tuple[str, float]])
   """Registers the SeqIO mixture `name` over registered tasks or mixtures `parts` (name ->
   rate, or (name, rate) pairs, which gin can fill with `@tasks.ul2_mixture()` calls), e.g. UL2
   denoising plus supervised multitask data for pretraining; returns `name`."""
-  import seqio
   parts = dict(parts)
   if not parts or any(rate < 0 for rate in parts.values()) or not sum(parts.values()) > 0:
     raise ValueError(f"mixture {name!r} needs parts with non-negative rates summing to > 0, "

@@ -3,6 +3,7 @@ vocabulary is the synthetic generator's, and the documented pretraining command 
 committed run (its first logged steps, within tolerance) from scratch."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,6 @@ def test_pretraining_command_reproduces_the_committed_run(tmp_path):
 
 
 def _base_env():
-  import os
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # the command runs as users run it: one CPU device
   return env
