@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the README's performance tables: writes benchmarks/<name>.json and prints each run.
-# Usage: bash benchmarks/run.sh [cpu|methods|inference|memory]   (run on a quiet machine; timings are
+# Usage: bash benchmarks/run.sh [cpu|methods|inference|memory|profile]   (run on a quiet machine; timings are
 # medians). memory: prompt tuning vs full fine-tuning with attention kept / recomputed and
 # with scan + full remat. inference: greedy decoding and rank scoring against transformers (same weights).
 set -euo pipefail
@@ -8,14 +8,23 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 what=${1:-cpu}
 case "$what" in
-  cpu|methods|inference|memory) ;;
-  *) echo "usage: bash benchmarks/run.sh [cpu|methods|inference|memory]" >&2; exit 2 ;;
+  cpu|methods|inference|memory|profile) ;;
+  *) echo "usage: bash benchmarks/run.sh [cpu|methods|inference|memory|profile]" >&2; exit 2 ;;
 esac
 if [ "$what" = cpu ]; then
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
     --steps 5 --warmup 2 --vs peft --json benchmarks/cpu_t5_1_1_small.json
   "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
     --steps 3 --warmup 1 --vs peft --json benchmarks/cpu_t5_1_1_base.json
+  # bfloat16 activations (float32 parameters) against PEFT under torch.autocast(bfloat16).
+  "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
+    --steps 5 --warmup 2 --dtype bfloat16 --vs peft --json benchmarks/cpu_t5_1_1_small_bf16.json
+  "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
+    --steps 3 --warmup 1 --dtype bfloat16 --vs peft --json benchmarks/cpu_t5_1_1_base_bf16.json
+fi
+if [ "$what" = profile ]; then  # where the float32 small step's time goes, by kind of op
+  "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
+    --steps 3 --warmup 1 --profile /tmp/ptuning_profile --json benchmarks/profile_t5_1_1_small.json
 fi
 if [ "$what" = methods ]; then
   for method in prompt_tuning dept ept deep_prompt prompt_bank mpt promot_stage2 full_finetuning; do

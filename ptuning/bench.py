@@ -86,6 +86,17 @@ def peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+  """Restarts this process's `VmHWM` from its current RSS (Linux `clear_refs` 5), so that a later
+  `peak_rss_bytes()` is the peak of what ran in between; False where that is unsupported."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def random_batches(n: int, batch: int, inputs: int, targets: int, vocab: int, seed: int = 0,
                    num_tasks: int = 0) -> list[dict]:
   """`n` full (unpadded) int32 batches: encoder `[B, L]`, decoder in/targets/weights `[B, T]`
@@ -137,7 +148,9 @@ def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
   best = {}
   for dt in sorted({"float32", dtype}):
     a = jax.random.normal(jax.random.key(0), (PEAK_MATMUL, PEAK_MATMUL), dt)
-    dot = jax.jit(jnp.dot)
+    # float32 accumulation, cast back: the product the model runs (mixed_einsum); for bfloat16
+    # on CPU about 2x faster than bfloat16 in and out.
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
     dot(a, a).block_until_ready()
     best[dt] = min(time_steps(lambda _: dot(a, a).block_until_ready(), [None] * 5, 0))
   dt = min(best, key=best.get)
@@ -222,10 +235,12 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   compiled = exp.train_step_fn(batches[0]).lower(state, exp.frozen, batches[0], rng).compile()
   compile_s = time.perf_counter() - start
   analysis = compiled.memory_analysis()
+  build_rss = peak_rss_bytes()
   memory = {k: int(getattr(analysis, f"{k}_size_in_bytes", 0) or 0)
             for k in ("argument", "output", "alias", "temp")} if analysis else {}
 
   metrics = None
+  steps_rss = reset_peak_rss()  # from here: the training steps' peak, after build and compile
 
   def step(batch):  # the one compiled executable, every step; the train state is donated
     nonlocal state, metrics
@@ -233,9 +248,14 @@ def bench_ours(spec: dict, flops: dict) -> dict:
     jax.block_until_ready((state, metrics))
 
   out = _summary(time_steps(step, batches, spec["warmup"]), flops, spec)
+  if spec.get("profile"):
+    from ptuning import bench_profile
+    out["profile"] = bench_profile.profile_step(lambda: step(batches[-1]), compiled.as_text(),
+                                                spec["profile"])
   stats = device.memory_stats() or {}
   out.update(mesh=dict(exp.mesh.shape), compile_s=compile_s, compiled_memory=memory,
-             rss_before_build=rss_before, peak_rss=peak_rss_bytes(),
+             rss_before_build=rss_before, peak_rss=max(build_rss, peak_rss_bytes()),
+             steps_peak_rss=peak_rss_bytes() if steps_rss else None,
              device_peak_bytes=stats.get("peak_bytes_in_use"),
              loss=float(metrics["loss"]) / float(metrics["weight_sum"]))
   out["trainable_parameters"] = param_tree.count(exp.trainable_init)
@@ -269,6 +289,8 @@ def peft_worker(spec: dict) -> dict:
              for b in random_batches(spec["warmup"] + spec["steps"], spec["batch"],
                                      spec["inputs"], spec["targets"], cfg.vocab_size)]
   losses = []
+  build_rss = peak_rss_bytes()
+  steps_rss = reset_peak_rss()
 
   def step(b):
     optimizer.zero_grad(set_to_none=True)
@@ -287,7 +309,8 @@ def peft_worker(spec: dict) -> dict:
   out.update(torch=torch.__version__, transformers=transformers.__version__,
              peft=peft.__version__, threads=torch.get_num_threads(), device=str(dev),
              trainable_params=sum(p.numel() for p in trainable), rss_before_build=rss_before,
-             peak_rss=peak_rss_bytes(), loss=losses[-1],
+             peak_rss=max(build_rss, peak_rss_bytes()),
+             steps_peak_rss=peak_rss_bytes() if steps_rss else None, loss=losses[-1],
              device_peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)
   return out
 
@@ -318,7 +341,8 @@ def _row(name: str, r: dict, peak: float | None) -> str:
   fraction = f"{100 * r['flops_per_s'] / peak:.1f}%" if peak else "n/a"
   return (f"{name:<6}{r['step_s_median']:>12.4f}{r['step_s_min']:>10.4f}{r['tokens_per_s']:>12,.0f}"
           f"{r['tokens_per_s_with_prompt']:>14,.0f}{r['flops_per_s'] / 1e9:>11.2f}{fraction:>9}"
-          f"{r['peak_rss'] / 2**30:>13.2f}")
+          f"{r['peak_rss'] / 2**30:>13.2f}"
+          f"{r['steps_peak_rss'] / 2**30 if r.get('steps_peak_rss') else float('nan'):>14.2f}")
 
 
 def run(args) -> int:
@@ -336,6 +360,8 @@ def run(args) -> int:
                                         "warmup", "dtype", "method", "mesh", "remat",
                                         "scan_layers", "attention")}
   flops = step_flops(get_preset(args.model), spec)
+  if args.profile:
+    spec["profile"] = args.profile
   print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()), flush=True)
   load_average = os.getloadavg()[0]
   # PEFT first, in its own process, while this one holds no JAX memory (GPU preallocation).
@@ -363,13 +389,16 @@ def run(args) -> int:
           (f" | device peak {_gib(peft_result['device_peak_bytes'])}"
            if peft_result["device_peak_bytes"] else ""))
   print(f"\n{'impl':<6}{'step med s':>12}{'min s':>10}{'tokens/s':>12}{'+prompt tok/s':>14}"
-        f"{'GFLOP/s':>11}{'of peak':>9}{'peak RSS GiB':>13}")
+        f"{'GFLOP/s':>11}{'of peak':>9}{'peak RSS GiB':>13}{'steps RSS GiB':>14}")
   print(_row("ours", ours, peak))
   speedup = None
   if peft_result:
     print(_row("peft", peft_result, peak))
     speedup = peft_result["step_s_median"] / ours["step_s_median"]
     print(f"speedup vs peft: {speedup:.2f}")
+  if "profile" in ours:
+    from ptuning import bench_profile
+    bench_profile.print_profile(ours["profile"], ours["step_s_median"])
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": spec, "hardware": hw, "flops": flops, "ours": ours, "peft": peft_result,
@@ -399,6 +428,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")
+  p.add_argument("--profile", default=None, metavar="DIR",
+                 help="also trace 2 steps into DIR and print time and GFLOP/s per kind of op "
+                 "(ptuning/bench_profile.py)")
   bench_inference.add_arguments(p)
 
 

@@ -67,6 +67,9 @@ def test_bench_tiny_against_peft(tmp_path, capsys):
     assert float(fraction[:-1]) == pytest.approx(
         100 * result[name]["flops_per_s"] / result["hardware"]["peak_flops"], abs=0.05)
     assert len(result[name]["step_s_all"]) == 2 and result[name]["peak_rss"] > 0
+    # The steps' own peak (VmHWM restarted after build and compile) is within the process's.
+    assert 0 < result[name]["steps_peak_rss"] <= result[name]["peak_rss"]
+    assert float(cells[8]) == pytest.approx(result[name]["steps_peak_rss"] / 2**30, abs=0.006)
   assert result["ours"]["compiled_memory"]["argument"] > 0
   match = re.search(r"^speedup vs peft: (\d+\.\d\d)$", output, re.M)
   assert match and float(match.group(1)) > 0
@@ -137,3 +140,25 @@ def test_bench_modules_do_not_import_tensorflow():
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_bench_profile_accounts_for_the_matmul_flops(tmp_path, capsys):
+  """`--profile`: a trace is written and the dots it finds in the executed ops add up to the
+  analytic count (plus the attention recomputation, at most half again)."""
+  from ptuning.cli import main
+  out_json = tmp_path / "bench.json"
+  # data=8: per-device batch 1, all 4 heads on each device, so attention dots keep a batch dim.
+  assert main(["bench", "--model", "tiny_t5_1_1", "--batch", "8", "--inputs", "16",
+               "--targets", "4", "--prompt", "4", "--steps", "1", "--warmup", "1",
+               "--mesh", "data=8,model=1", "--profile", str(tmp_path / "trace"),
+               "--json", str(out_json)]) == 0
+  output = capsys.readouterr().out
+  result = json.loads(out_json.read_text())
+  profile = result["ours"]["profile"]
+  assert profile["trace"].startswith(str(tmp_path / "trace")) and profile["steps"] == 2
+  rows = {name: (ms, gflop) for name, ms, gflop, _ in profile["rows"]}
+  assert rows["matmul (projections)"][1] > 0 and rows["matmul (attention)"][1] > 0
+  assert all(ms > 0 for ms, _ in rows.values())
+  matmul_flops = sum(g for name, (_, g) in rows.items() if name.startswith("matmul")) * 1e9
+  assert 1.0 <= matmul_flops / result["flops"]["total"] <= 1.5
+  assert re.search(r"^matmul \(projections\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+$", output, re.M)

@@ -4,6 +4,7 @@ bad configurations failing clearly."""
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -370,3 +371,19 @@ def test_gin_macros(tmp_path, vocab_path):
   assert (config.mode_token, config.mode_token_position) == ("[NLG]", "after_prompt")
   with pytest.raises(ValueError, match="mode_token_position"):
     gin_setup.load_config(files, base + ["MODE_TOKEN_POSITION = 'middle'"])
+
+
+def test_run_signature_includes_the_mode_token(tmp_path, vocab, vocab_path):
+  """Resuming with another mode token (or position) is refused like any other run's checkpoints:
+  the signature carries it; without one the signature keeps its earlier form."""
+  from ptuning.train.loop import run_signature
+  signatures = {}
+  for name, overrides in {"before": {}, "after": {"mode_token_position": "after_prompt"},
+                          "none": {"mode_token": None}}.items():
+    exp = build_experiment(tiny_config(tmp_path, vocab_path, **overrides),
+                           devices=jax.devices()[:2])
+    signatures[name] = json.loads(run_signature(exp))
+  assert len({json.dumps(s, sort_keys=True) for s in signatures.values()}) == 3
+  assert signatures["before"]["mode_token"] == {"ids": list(vocab.encode("[NLU]")),
+                                                "position": "before_prompt"}
+  assert set(signatures["none"]) == {"method", "trainable"}

@@ -63,10 +63,12 @@ def test_base_model_plan_remat_and_microbatches_use_clearly_less_memory(tmp_path
   none, full, none_micro, _ = report["variants"]
   assert (none["remat"], full["remat"], none_micro["microbatches"]) == ("none", "full", 4)
   assert full["compiled_temp"] < 0.5 * none["compiled_temp"]
-  # 0.52 with the recomputing attention (0.45 with plain attention, whose per-layer attention
-  # probabilities microbatching also quartered).
+  # About 0.3 with the recomputing attention and gated activation (0.45 with plain attention,
+  # whose per-layer attention probabilities microbatching also quartered).
   assert none_micro["compiled_temp"] < 0.6 * none["compiled_temp"]
-  assert full["peak"] < 0.7 * none["peak"]
+  # The whole temporary saving shows in the peak (the 0.92 GiB frozen backbone is the same).
+  saving = none["compiled_temp"] - full["compiled_temp"]
+  assert saving > 0.3 * 2**30 and none["peak"] - full["peak"] >= 0.9 * saving
   # Same parameters either way; the base backbone in float32 replicated on every device.
   assert none["frozen_params"] == full["frozen_params"]
   assert 0.9e9 < none["frozen_params"] < 1.0e9  # 247.6M parameters x 4 bytes

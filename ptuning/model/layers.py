@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptuning.model import mixed_einsum
+
 Array = jax.Array
 P = nn.with_logical_partitioning
 constrain = nn.with_logical_constraint
@@ -65,7 +67,8 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", P(kernel_init(self.init_scale), self.axes),
                         (x.shape[-1], self.features), self.param_dtype)
-    return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    lead = "abcdefgh"[:x.ndim - 1]
+    return mixed_einsum.einsum(f"{lead}y,yz->{lead}z", x, kernel, dtype=self.dtype)
 
 
 def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
@@ -155,9 +158,43 @@ def _recomputed_bwd(dropout_rate, dtype, residuals, grad):
   # recomputation as soon as its operands exist, early in the backward pass, and the saving is
   # lost (an optimization barrier does not survive to CPU scheduling).
   query = query + (grad * 0).astype(query.dtype)
-  attend = lambda q, k, v, b: dot_product_attention(q, k, v, b, dropout_rng, dropout_rate, dtype)
-  _, vjp = jax.vjp(attend, query, key, value, bias)
-  return (*vjp(grad), None)
+  if jnp.dtype(dtype) == jnp.float32:
+    attend = lambda q, k, v, b: dot_product_attention(q, k, v, b, dropout_rng, dropout_rate, dtype)
+    _, vjp = jax.vjp(attend, query, key, value, bias)
+    return (*vjp(grad), None)
+  return (*_low_precision_attention_grads(query, key, value, bias, dropout_rng, dropout_rate,
+                                          dtype, grad), None)
+
+
+def _low_precision_attention_grads(query, key, value, bias, dropout_rng, dropout_rate, dtype,
+                                   grad):
+  """Gradients of `dot_product_attention` w.r.t. query, key, value `[B, *, H, D]` and bias for a
+  bfloat16 (or other low-precision) `dtype`, written out so that every product is `dtype` x
+  `dtype` accumulated in float32 (autodiff would multiply the float32 cotangents by `dtype`
+  operands, which runs as float32 x float32). Softmax and its gradient stay float32."""
+  f32 = jnp.float32
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=f32)
+  probs = jax.nn.softmax(scores + bias, axis=-1)
+  weights = probs.astype(dtype)
+  keep = None
+  if dropout_rng is not None:  # the forward's mask: same key, same shape; kept entries 1/keep
+    keep = nn.Dropout(dropout_rate, parent=None).apply({}, jnp.ones_like(weights),
+                                                      deterministic=False, rng=dropout_rng)
+    weights = weights * keep
+  grad = grad.astype(dtype)
+  grad_value = jnp.einsum("bhqk,bqhd->bkhd", weights, grad, preferred_element_type=f32)
+  grad_weights = jnp.einsum("bqhd,bkhd->bhqk", grad, value.astype(dtype), preferred_element_type=f32)
+  if keep is not None:
+    grad_weights = grad_weights * keep.astype(f32)
+  grad_scores = probs * (grad_weights - jnp.sum(grad_weights * probs, axis=-1, keepdims=True))
+  grad_bias = jnp.sum(grad_scores, axis=tuple(range(grad_scores.ndim - bias.ndim)))
+  broadcast = tuple(i for i, n in enumerate(bias.shape) if n == 1 and grad_bias.shape[i] != 1)
+  grad_bias = jnp.sum(grad_bias, axis=broadcast, keepdims=True).astype(bias.dtype)
+  grad_scores = grad_scores.astype(dtype)
+  grad_query = jnp.einsum("bhqk,bkhd->bqhd", grad_scores, key, preferred_element_type=f32)
+  grad_key = jnp.einsum("bhqk,bqhd->bkhd", grad_scores, query, preferred_element_type=f32)
+  return (grad_query.astype(query.dtype), grad_key.astype(key.dtype),
+          grad_value.astype(value.dtype), grad_bias)
 
 
 recomputed_attention.defvjp(_recomputed_fwd, _recomputed_bwd)
@@ -234,6 +271,29 @@ ACTIVATIONS = {
 }
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gated_activation(gate: Array, linear: Array, activation: str) -> Array:
+  """`ACTIVATIONS[activation](gate) * linear` (`[..., mlp]` each) whose backward pass keeps only
+  the two inputs and recomputes the activation and its derivative from `gate`: autodiff of the
+  tanh-approximated GELU keeps about six `[B, L, mlp]` intermediates per layer instead."""
+  return ACTIVATIONS[activation](gate) * linear
+
+
+def _gated_fwd(gate, linear, activation):
+  return gated_activation(gate, linear, activation), (gate, linear)
+
+
+def _gated_bwd(activation, residuals, grad):
+  gate, linear = residuals
+  gate = gate + (grad * 0).astype(gate.dtype)  # recompute in this layer's backward, not early
+  act, act_vjp = jax.vjp(ACTIVATIONS[activation], gate)
+  (grad_gate,) = act_vjp((grad * linear).astype(act.dtype))
+  return grad_gate, (grad * act).astype(linear.dtype)
+
+
+gated_activation.defvjp(_gated_fwd, _gated_bwd)
+
+
 class MlpBlock(nn.Module):
   """Feed-forward block `[batch, length, embed] -> same`; gated variants use wi_0 (act) * wi_1."""
 
@@ -252,7 +312,7 @@ class MlpBlock(nn.Module):
     if self.feed_forward == "relu":
       h = act(dense("wi")(x))
     else:
-      h = act(dense("wi_0")(x)) * dense("wi_1")(x)
+      h = gated_activation(dense("wi_0")(x), dense("wi_1")(x), self.feed_forward)
     h = constrain(h, ("batch", "length", "mlp"))
     h = nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
     return Dense(x.shape[-1], ("mlp", "embed"), 1.0, self.dtype, self.param_dtype, name="wo")(h)

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ptuning.model import mixed_einsum
 from ptuning.model.config import T5Config
 from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
@@ -253,8 +254,7 @@ class Decoder(nn.Module):
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
     if cfg.tie_embeddings:
       x = x * (cfg.d_model ** -0.5)
-      logits = jnp.einsum("bte,ve->btv", x, shared_embedding.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+      logits = mixed_einsum.einsum("bte,ve->btv", x, shared_embedding, jnp.float32, x.dtype)
     else:
       logits = LogitsDense(cfg.vocab_size, name="logits_dense", **_dtypes(cfg))(x)
     return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
@@ -272,8 +272,7 @@ class LogitsDense(nn.Module):
     kernel = self.param("kernel", P(nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
                                     ("embed", "vocab")), (x.shape[-1], self.vocab_size),
                         self.param_dtype)
-    return jnp.einsum("bte,ev->btv", x.astype(self.dtype), kernel.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return mixed_einsum.einsum("bte,ev->btv", x, kernel, jnp.float32, self.dtype)
 
 
 class EncoderDecoder(nn.Module):

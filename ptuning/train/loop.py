@@ -67,9 +67,14 @@ class PreemptionFlag:
 
 
 def run_signature(exp: Experiment) -> str:
+  """What a resumed run must share with the checkpoints it resumes: method, trainable shapes and
+  (when set) the mode token ids and position, which change every encoder input."""
   shapes = {p: list(v.shape) for p, v in param_tree.flatten(exp.trainable_init).items()}
-  return json.dumps({"method": getattr(exp.method, "name", "full_finetuning"),
-                     "trainable": shapes}, sort_keys=True)
+  signature = {"method": getattr(exp.method, "name", "full_finetuning"), "trainable": shapes}
+  mode = exp.spec.mode_token
+  if mode is not None and mode.ids:  # absent otherwise: earlier runs' signatures still match
+    signature["mode_token"] = {"ids": list(mode.ids), "position": mode.position}
+  return json.dumps(signature, sort_keys=True)
 
 
 def _log(*parts: Any) -> None:

@@ -1,0 +1,114 @@
+"""`ptuning bench --profile DIR`: where a compiled step's time goes, by kind of XLA operation.
+
+Runs the compiled step a few more times under `jax.profiler.trace(DIR)` (a TensorBoard / XProf
+trace is left there), reads the trace back with `jax.profiler.ProfileData`, matches every executed
+op to its instruction in the compiled HLO and sums, per step:
+
+  matmul (projections)  dots without batch dimensions: Q/K/V/O, MLP, LM head and their gradients
+  matmul (attention)    batched dots: scores `[B, H, Q, K]` and weighted sums, forward and backward
+  elementwise / reduce  everything else (softmax, norms, casts, layout transposes), by op name
+  collective            all-reduce / all-gather / ... between devices of the mesh
+
+with the FLOPs of the dots inside each op, so each row reads as achieved GFLOP/s. Times are
+summed over the threads that launch ops; with several CPU threads one op may use them all, or
+two ops may run side by side, so the rows can add up to more than the step's wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import math
+import os
+import re
+from typing import Callable
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_NUMBERED = re.compile(r"[.]\d+$")  # 'transpose_copy_fusion.219' -> 'transpose_copy_fusion'
+_COLLECTIVE = re.compile(r" (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(-start|-done)?\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?[\w.\-]+\), (lhs_batch_dims=\{[\d,]*\}, )?"
+                  r"lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def _index_hlo(hlo: str) -> tuple[dict, dict, dict]:
+  """(shape of every instruction, body text of every computation, instruction line by name)."""
+  shapes, bodies, lines = {}, {}, {}
+  name, body = None, []
+  for line in hlo.splitlines():
+    if line.endswith("{") and not line.startswith(" "):
+      name, body = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%"), []
+      continue
+    if line.startswith("}") and name:
+      bodies[name] = "\n".join(body)
+      name = None
+      continue
+    body.append(line)
+    match = _INSTRUCTION.match(line)
+    if match:
+      shapes[match.group(1)] = [int(d) for d in match.group(3).split(",") if d]
+      lines[match.group(1)] = line
+  return shapes, bodies, lines
+
+
+def classify(op: str, shapes: dict, bodies: dict, lines: dict) -> tuple[str, float]:
+  """(category, FLOPs) of the executed op named `op` (a fusion or a bare instruction)."""
+  line = lines.get(op, "")
+  calls = _CALLS.search(line)
+  text = bodies.get(calls.group(1), "") if calls else line
+  flops, batched = 0.0, False
+  for dims, lhs, batch, contracting in _DOT.findall(text):
+    out = math.prod(int(d) for d in dims.split(",") if d)
+    k = math.prod(shapes.get(lhs, [0])[int(i)] for i in contracting.split(",") if i)
+    flops, batched = flops + 2.0 * out * k, batched or bool(batch)
+  if flops:
+    return ("matmul (attention)" if batched else "matmul (projections)"), flops
+  if _COLLECTIVE.search(line):
+    return f"collective: {_NUMBERED.sub('', op)}", 0.0
+  kind = "reduce" if ("reduce(" in text or "reduce-window(" in text) else "elementwise"
+  return f"{kind}: {_NUMBERED.sub('', op)}", 0.0
+
+
+def profile_step(run_step: Callable[[], None], hlo: str, trace_dir: str, steps: int = 2) -> dict:
+  """Traces `steps` calls of `run_step` (which blocks) into `trace_dir` and returns
+  `{'steps', 'rows': [(category, ms_per_step, gflop_per_step, ops_per_step)], 'trace'}`."""
+  import jax
+  with jax.profiler.trace(trace_dir):
+    for _ in range(steps):
+      run_step()
+  files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True),
+                 key=os.path.getmtime)
+  if not files:
+    raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+  shapes, bodies, lines = _index_hlo(hlo)
+  time_ns, flops, count = collections.Counter(), collections.Counter(), collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if event.name not in lines:  # executor / thread-pool bookkeeping, python frames
+          continue
+        category, f = classify(event.name, shapes, bodies, lines)
+        time_ns[category] += event.duration_ns
+        flops[category] += f
+        count[category] += 1
+  rows = [(c, time_ns[c] / 1e6 / steps, flops[c] / 1e9 / steps, count[c] / steps)
+          for c in sorted(time_ns, key=time_ns.get, reverse=True)]
+  return {"steps": steps, "rows": rows, "trace": files[-1]}
+
+
+def print_profile(result: dict, wall_s: float, top: int = 12) -> None:
+  """The per-category table: matmul rows first, then the `top` costliest other ops."""
+  rows = result["rows"]
+  matmul = [r for r in rows if r[0].startswith("matmul")]
+  other = [r for r in rows if not r[0].startswith("matmul")]
+  print(f"\nprofile ({result['steps']} traced steps, median step {wall_s:.3f} s; ms summed over "
+        f"launching threads): {result['trace']}")
+  print(f"{'op kind':44s} {'ms/step':>9s} {'GFLOP':>8s} {'GFLOP/s':>9s} {'ops':>6s}")
+  for name, ms, gflop, n in matmul + other[:top]:
+    rate = f"{gflop / ms * 1e3:9.1f}" if gflop else f"{'':9s}"
+    print(f"{name[:44]:44s} {ms:9.1f} {gflop:8.1f} {rate} {n:6.0f}")
+  rest = other[top:]
+  if rest:
+    print(f"{'(%d more kinds)' % len(rest):44s} {sum(r[1] for r in rest):9.1f}")
+  print(f"{'total':44s} {sum(r[1] for r in rows):9.1f} {sum(r[2] for r in rows):8.1f}")
