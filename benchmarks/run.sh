@@ -21,6 +21,13 @@ if [ "$what" = cpu ]; then
     --steps 5 --warmup 2 --dtype bfloat16 --vs peft --json benchmarks/cpu_t5_1_1_small_bf16.json
   "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
     --steps 3 --warmup 1 --dtype bfloat16 --vs peft --json benchmarks/cpu_t5_1_1_base_bf16.json
+  # ... and with our frozen backbone stored in bfloat16 (no per-step casts of the weights).
+  "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
+    --steps 5 --warmup 2 --dtype bfloat16 --param_dtype bfloat16 --vs peft \
+    --json benchmarks/cpu_t5_1_1_small_bf16_params.json
+  "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
+    --steps 3 --warmup 1 --dtype bfloat16 --param_dtype bfloat16 --vs peft \
+    --json benchmarks/cpu_t5_1_1_base_bf16_params.json
 fi
 if [ "$what" = profile ]; then  # where the float32 small step's time goes, by kind of op
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \

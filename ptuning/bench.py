@@ -218,7 +218,8 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     exp = build_experiment(TrainConfig(
         model_dir=tmp, initial_checkpoint_path=None,
-        model=get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute")),
+        model=get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute"),
+                                                param_dtype=spec.get("param_dtype", "float32")),
         method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
         trainable_pattern=TRAINABLE_OVERRIDES.get(spec["method"]),
         batch_size=spec["batch"],
@@ -358,7 +359,7 @@ def run(args) -> int:
   from ptuning.model.config import get_preset
   spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
                                         "warmup", "dtype", "method", "mesh", "remat",
-                                        "scan_layers", "attention")}
+                                        "scan_layers", "attention", "param_dtype")}
   flops = step_flops(get_preset(args.model), spec)
   if args.profile:
     spec["profile"] = args.profile
@@ -419,7 +420,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prompt", type=int, default=None, help="prompt length P (train mode)")
   p.add_argument("--steps", type=int, default=10, help="timed steps")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="activation dtype (PEFT: torch.autocast to bfloat16)")
+  p.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="dtype of our frozen backbone parameters (the prompt stays float32; PEFT "
+                 "keeps float32 weights under autocast)")
   p.add_argument("--method", default="prompt_tuning", choices=METHODS)
   p.add_argument("--remat", default="none", help="remat policy of each layer (train mode)")
   p.add_argument("--scan_layers", action="store_true", help="nn.scan over layers (train mode)")

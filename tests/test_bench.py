@@ -151,10 +151,12 @@ def test_bench_profile_accounts_for_the_matmul_flops(tmp_path, capsys):
   assert main(["bench", "--model", "tiny_t5_1_1", "--batch", "8", "--inputs", "16",
                "--targets", "4", "--prompt", "4", "--steps", "1", "--warmup", "1",
                "--mesh", "data=8,model=1", "--profile", str(tmp_path / "trace"),
-               "--json", str(out_json)]) == 0
+               "--dtype", "bfloat16", "--param_dtype", "bfloat16", "--json", str(out_json)]) == 0
   output = capsys.readouterr().out
   result = json.loads(out_json.read_text())
   profile = result["ours"]["profile"]
+  # (run with a bfloat16 backbone and activations: the profile covers that path too)
+  assert result["config"]["param_dtype"] == "bfloat16"
   assert profile["trace"].startswith(str(tmp_path / "trace")) and profile["steps"] == 2
   rows = {name: (ms, gflop) for name, ms, gflop, _ in profile["rows"]}
   assert rows["matmul (projections)"][1] > 0 and rows["matmul (attention)"][1] > 0
