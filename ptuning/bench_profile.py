@@ -11,7 +11,9 @@ op to its instruction in the compiled HLO and sums, per step:
 
 with the FLOPs of the dots inside each op, so each row reads as achieved GFLOP/s. Times are
 summed over the threads that launch ops; with several CPU threads one op may use them all, or
-two ops may run side by side, so the rows can add up to more than the step's wall time.
+two ops may run side by side, so the rows can add up to more than the step's wall time; the
+occupancy sweep (`occupancy`) splits the step into time with no op, one op and two or more ops
+running, and names the ops that run alone.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def profile_step(run_step: Callable[[], None], hlo: str, trace_dir: str, steps: 
     raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
   shapes, bodies, lines = _index_hlo(hlo)
   time_ns, flops, count = collections.Counter(), collections.Counter(), collections.Counter()
+  spans = []
   for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
     for line in plane.lines:
       for event in line.events:
@@ -92,9 +95,35 @@ def profile_step(run_step: Callable[[], None], hlo: str, trace_dir: str, steps: 
         time_ns[category] += event.duration_ns
         flops[category] += f
         count[category] += 1
+        spans.append((event.start_ns, event.start_ns + event.duration_ns, category))
   rows = [(c, time_ns[c] / 1e6 / steps, flops[c] / 1e9 / steps, count[c] / steps)
           for c in sorted(time_ns, key=time_ns.get, reverse=True)]
-  return {"steps": steps, "rows": rows, "trace": files[-1]}
+  return {"steps": steps, "rows": rows, "trace": files[-1],
+          "occupancy": occupancy(spans, steps)}
+
+
+def occupancy(spans: list[tuple[float, float, str]], steps: int) -> dict:
+  """How many ops run at once: ms per step with none running (between the first and the last op:
+  launch gaps, host work), exactly one, two or more; and, of the one-op time, ms per category.
+
+  `spans` are `(start_ns, end_ns, category)` of every executed op on every thread. One running op
+  may still use every thread (a large dot is split over the intra-op pool); the one-op rows are
+  where that split decides the speed."""
+  edges = sorted([(start, 1, cat) for start, _, cat in spans] +
+                 [(end, -1, cat) for _, end, cat in spans], key=lambda e: (e[0], e[1]))
+  by_count, alone = collections.Counter(), collections.Counter()
+  running: collections.Counter = collections.Counter()
+  for (t, delta, cat), (t_next, _, _) in zip(edges, edges[1:]):
+    running[cat] += delta
+    if running[cat] == 0:
+      del running[cat]
+    n = sum(running.values())
+    by_count[min(n, 2)] += t_next - t
+    if n == 1:
+      alone[next(iter(running))] += t_next - t
+  ms = lambda ns: ns / 1e6 / steps
+  return {"none_ms": ms(by_count[0]), "one_ms": ms(by_count[1]), "two_or_more_ms": ms(by_count[2]),
+          "one_by_category_ms": {c: ms(v) for c, v in alone.most_common()}}
 
 
 def print_profile(result: dict, wall_s: float, top: int = 12) -> None:
@@ -112,3 +141,8 @@ def print_profile(result: dict, wall_s: float, top: int = 12) -> None:
   if rest:
     print(f"{'(%d more kinds)' % len(rest):44s} {sum(r[1] for r in rest):9.1f}")
   print(f"{'total':44s} {sum(r[1] for r in rows):9.1f} {sum(r[2] for r in rows):8.1f}")
+  occ = result.get("occupancy")
+  if occ:
+    print(f"ops running at once, ms/step: none {occ['none_ms']:.1f}, one {occ['one_ms']:.1f}, "
+          f"two or more {occ['two_or_more_ms']:.1f}; running alone: " + ", ".join(
+              f"{c} {v:.1f}" for c, v in list(occ["one_by_category_ms"].items())[:4]))

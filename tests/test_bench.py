@@ -164,3 +164,20 @@ def test_bench_profile_accounts_for_the_matmul_flops(tmp_path, capsys):
   matmul_flops = sum(g for name, (_, g) in rows.items() if name.startswith("matmul")) * 1e9
   assert 1.0 <= matmul_flops / result["flops"]["total"] <= 1.5
   assert re.search(r"^matmul \(projections\)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+$", output, re.M)
+  # The occupancy split covers the ops' time: one-op time + 2 x (at least) the overlapped time.
+  occ = profile["occupancy"]
+  op_ms = sum(ms for ms, _ in rows.values())
+  assert occ["one_ms"] > 0 and occ["one_ms"] + 2 * occ["two_or_more_ms"] <= op_ms * 1.0001
+  assert abs(sum(occ["one_by_category_ms"].values()) - occ["one_ms"]) < 1e-6 * op_ms
+  assert "ops running at once, ms/step: none" in output
+
+
+def test_occupancy_splits_time_by_how_many_ops_run():
+  """Two threads: [0, 10) a dot alone, [10, 14) dot and softmax, [14, 20) softmax alone,
+  [20, 25) nothing, [25, 30) a transpose alone; two steps, so halved."""
+  from ptuning.bench_profile import occupancy
+  spans = [(0, 14, "dot"), (10, 20, "softmax"), (25, 30, "transpose")]
+  occ = occupancy([(a * 1e6, b * 1e6, c) for a, b, c in spans], steps=2)
+  assert occ["one_ms"] == (10 + 6 + 5) / 2 and occ["two_or_more_ms"] == 4 / 2
+  assert occ["none_ms"] == 5 / 2
+  assert occ["one_by_category_ms"] == {"dot": 5.0, "softmax": 3.0, "transpose": 2.5}
