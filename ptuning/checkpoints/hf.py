@@ -24,11 +24,11 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from ptuning.checkpoints.lazy_arrays import LazyArray, SafetensorsArray, TransposedArray
 from ptuning.checkpoints.validate import (CheckpointMismatchError, canonical_param_shapes,
                                           check_params_match_config, check_shapes)
 from ptuning.model.config import T5Config
@@ -47,7 +47,6 @@ IGNORED_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias
 _GELU_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _SILU_ACTS = ("silu", "swish")
 _HF_ACT = {"relu": "relu", "gated-gelu": "gelu_new", "gated-silu": "silu"}
-_RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64}
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -201,29 +200,6 @@ def _weight_files(path: Path) -> list[Path]:
   raise FileNotFoundError(f"{path} has neither {SAFE_WEIGHTS} nor {SAFE_INDEX}")
 
 
-def _read_raw(file: Path, key: str) -> np.ndarray:
-  """Reads one tensor by parsing the safetensors header; for builds that cannot make bf16 arrays."""
-  with open(file, "rb") as f:
-    header_len = int.from_bytes(f.read(8), "little")
-    info = json.loads(f.read(header_len))[key]
-    start, end = info["data_offsets"]
-    f.seek(8 + header_len + start)
-    data = f.read(end - start)
-  dtype = np.dtype(_RAW_DTYPES[info["dtype"]]).newbyteorder("<")
-  return np.frombuffer(data, dtype=dtype).reshape(info["shape"]).astype(dtype.newbyteorder("="))
-
-
-def _get_tensor(handle: Any, file: Path, key: str) -> np.ndarray:
-  """One tensor as numpy; BF16 comes back as `ml_dtypes.bfloat16`."""
-  try:
-    array = handle.get_tensor(key)
-  except TypeError:  # "data type 'bfloat16' not understood" (safetensors without bf16 for numpy)
-    return _read_raw(file, key)
-  if handle.get_slice(key).get_dtype() == "BF16" and array.dtype != ml_dtypes.bfloat16:
-    array = array.view(ml_dtypes.bfloat16)  # raw uint16 bits
-  return array
-
-
 def _locate(handles: Mapping[Path, Any]) -> dict[str, Path]:
   """HF key -> the file holding it, over all open safetensors files."""
   where: dict[str, Path] = {}
@@ -236,12 +212,20 @@ def _locate(handles: Mapping[Path, Any]) -> dict[str, Path]:
 
 
 def read_hf_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Returns (params in the canonical layout, the parsed config.json dict).
+  """Returns (params in the canonical layout as numpy arrays, the parsed config.json dict).
 
   Tensors keep their stored dtype (float32, bfloat16 as `ml_dtypes.bfloat16`, ...). Raises
   `CheckpointMismatchError` naming the key and file for missing tensors, listing unexpected
   tensors, and naming parameter and both shapes for tensors that do not fit config.json.
   """
+  params, hf_config = open_hf_checkpoint(path)
+  return {name: np.asarray(source) for name, source in params.items()}, hf_config
+
+
+def open_hf_checkpoint(path: str | Path) -> tuple[dict[str, LazyArray], dict[str, Any]]:
+  """`read_hf_checkpoint` (same checks, same errors) with every tensor left on disk: values are
+  `lazy_arrays` sources that read only the slices asked for. Only the embedding and its stored
+  copies are read here, to check that the copies equal it."""
   path = Path(path)
   if not (path / CONFIG_NAME).is_file():
     raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; not a Hugging Face checkpoint directory")
@@ -273,16 +257,20 @@ def read_hf_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
       expected.pop(LOGITS, None)
     check_shapes(found, expected, source=str(path), against=f"its {CONFIG_NAME}", labels=labels)
 
-    params = {}
-    for name, (key, transposed) in names.items():
-      array = _get_tensor(handles[where[key]], where[key], key)
-      params[name] = np.ascontiguousarray(array.T) if transposed else array
-    shared = params["token_embedder/embedding"]
-    if not cfg.tie_embeddings and LOGITS not in params:
-      params[LOGITS] = np.ascontiguousarray(shared.T)
-    copies = TIED_COPIES + ((LM_HEAD,) if cfg.tie_embeddings else ())
-    for key in (k for k in copies if k in where):
-      copy = _get_tensor(handles[where[key]], where[key], key)
+    copies = [k for k in TIED_COPIES + ((LM_HEAD,) if cfg.tie_embeddings else ()) if k in where]
+    sources = {}
+    for key in [key for key, _ in names.values()] + copies:
+      stored = handles[where[key]].get_slice(key)
+      sources[key] = SafetensorsArray(where[key], key, stored.get_shape(), stored.get_dtype())
+  params: dict[str, LazyArray] = {}
+  for name, (key, transposed) in names.items():
+    params[name] = TransposedArray(sources[key]) if transposed else sources[key]
+  if not cfg.tie_embeddings and LOGITS not in params:
+    params[LOGITS] = TransposedArray(params["token_embedder/embedding"])
+  if copies:
+    shared = np.asarray(params["token_embedder/embedding"])
+    for key in copies:
+      copy = np.asarray(sources[key])
       if copy.shape != shared.shape or not np.array_equal(copy, shared):
         why = (" config.json ties the LM head to the embedding (tie_word_embeddings / "
                "scale_decoder_outputs); a separate head needs them false" if key == LM_HEAD else "")

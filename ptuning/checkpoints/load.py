@@ -22,15 +22,17 @@ from ptuning.model.config import T5Config, get_preset
 
 def read_backbone(path: str | os.PathLike, feed_forward: str | None = None
                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Reads host arrays in the canonical unscanned layout plus the T5Config kwargs they imply."""
+  """Opens the checkpoint: {path: array source} in the canonical unscanned layout plus the
+  T5Config kwargs they imply. Large arrays stay on disk (`lazy_arrays`: sliceable, with shape
+  and dtype) until `place_params` reads each device's shard of them."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"backbone checkpoint {path!r} does not exist")
   if hf.is_hf_checkpoint(path):
-    params, hf_config = hf.read_hf_checkpoint(path)
+    params, hf_config = hf.open_hf_checkpoint(path)
     kwargs = hf.hf_config_to_t5_kwargs(hf_config)
   elif t5x.is_t5x_checkpoint(path):
-    params = t5x.read_t5x_checkpoint(path)
+    params = t5x.open_t5x_checkpoint(path)
     kwargs = infer_t5_config_kwargs(params, feed_forward=feed_forward)
   else:
     raise ValueError(f"{path!r} is neither a Hugging Face save_pretrained directory (config.json + "
@@ -58,7 +60,8 @@ def resolve_config(inferred: dict[str, Any], model: str | T5Config | None, path:
 
 def load_backbone(path: str | os.PathLike, mesh: Mesh, model: str | T5Config | None = None,
                   rules=sharding.DEFAULT_RULES, **overrides: Any) -> tuple[T5Config, Any]:
-  """Returns (config, sharded parameter tree) for the checkpoint at `path`."""
+  """Returns (config, sharded parameter tree) for the checkpoint at `path`; each device's shard
+  is read from disk as it is placed, so the host never holds the whole backbone at once."""
   params, inferred = read_backbone(path, feed_forward=overrides.pop("feed_forward", None))
   cfg = resolve_config(inferred, model, os.fspath(path), **overrides)
   return cfg, place_params(params, cfg, mesh, rules)

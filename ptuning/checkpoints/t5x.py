@@ -28,6 +28,8 @@ import numpy as np
 import tensorstore as ts
 from flax import serialization
 
+from ptuning.checkpoints.lazy_arrays import TensorStoreArray
+
 _MSGPACK_FILE = "checkpoint"
 _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt")
 _ORBAX_ITEM_DIRS = ("state", "default", "params", "items")  # preferred item subdirectories
@@ -45,7 +47,14 @@ def read_t5x_checkpoint(path: PathLike) -> dict[str, np.ndarray]:
   an Orbax checkpoint directory, or a directory of `checkpoint_N` or Orbax `N` step directories
   (the largest N that holds a checkpoint is read).
   """
-  return _read_subtree(path, "target")
+  return {key: np.asarray(leaf) for key, leaf in open_t5x_checkpoint(path).items()}
+
+
+def open_t5x_checkpoint(path: PathLike) -> dict[str, np.ndarray | TensorStoreArray]:
+  """`read_t5x_checkpoint` with the zarr arrays of the msgpack + zarr layout left on disk, as
+  `TensorStoreArray`s opened (metadata and shapes checked) but not read: they read only the
+  slices asked for. Inline msgpack arrays and Orbax checkpoints come back as numpy arrays."""
+  return _read_subtree(path, "target", lazy=True)
 
 
 def read_t5x_optimizer_state(path: PathLike) -> dict[str, np.ndarray]:
@@ -71,11 +80,11 @@ def is_t5x_checkpoint(path: PathLike) -> bool:
   return metadata.is_file() and "target" in metadata.read_text(errors="replace")
 
 
-def _read_subtree(path: PathLike, subtree: str) -> dict[str, np.ndarray]:
+def _read_subtree(path: PathLike, subtree: str, lazy: bool = False) -> dict[str, Any]:
   kind, location = _locate(Path(path))
   if kind == "orbax":
     return _read_orbax(location, subtree)
-  return _read_msgpack(location, subtree)
+  return _read_msgpack(location, subtree, lazy)
 
 
 def _locate(path: Path) -> tuple[str, Path]:
@@ -117,8 +126,9 @@ def _looks_like_t5x_msgpack(head: bytes) -> bool:
   return head[offset + 1:offset + 1 + length] in _ROOT_KEYS
 
 
-def _read_msgpack(file: Path, subtree: str) -> dict[str, np.ndarray]:
-  """Reads `subtree` of a t5x msgpack file; TensorStore specs resolve against its directory."""
+def _read_msgpack(file: Path, subtree: str, lazy: bool) -> dict[str, Any]:
+  """Reads `subtree` of a t5x msgpack file; TensorStore specs resolve against its directory
+  (left on disk as `TensorStoreArray`s when `lazy`)."""
   data = file.read_bytes()
   if not _looks_like_t5x_msgpack(data[:64]):
     raise ValueError(f"{str(file)!r} is not a T5X msgpack checkpoint: expected a msgpack map "
@@ -142,7 +152,8 @@ def _read_msgpack(file: Path, subtree: str) -> dict[str, np.ndarray]:
       arrays[key] = np.array(leaf)  # a copy: inline arrays are read-only views of `data`
     elif leaf is not None:
       raise ValueError(f"{str(file)!r}: unexpected leaf {key!r} of type {type(leaf).__name__}")
-  arrays.update(_read_zarr_arrays(specs, file.parent, version))
+  stored = _open_zarr_arrays(specs, file.parent, version)
+  arrays.update(stored if lazy else {key: np.asarray(leaf) for key, leaf in stored.items()})
   return dict(sorted(arrays.items()))
 
 
@@ -192,37 +203,34 @@ def _zarr_dir(spec: dict[str, Any], ckpt_dir: Path, key: str) -> Path:
                           f"{[str(c) for c in candidates]}")
 
 
-def _read_zarr_arrays(specs: dict[str, dict[str, Any]], ckpt_dir: Path,
-                      version: int) -> dict[str, np.ndarray]:
-  """Reads every spec's zarr array (all concurrently), checking shapes against the spec."""
+def _open_zarr_arrays(specs: dict[str, dict[str, Any]], ckpt_dir: Path,
+                      version: int) -> dict[str, TensorStoreArray]:
+  """Opens every spec's zarr array (all concurrently), checking shapes against the spec; reads
+  nothing but metadata. Format version 2 wrote bfloat16 as uint16 bit patterns."""
   opened = {}
   for key, spec in specs.items():
     local = {"driver": "file", "path": os.path.abspath(_zarr_dir(spec, ckpt_dir, key))}
     opened[key] = ts.open({"driver": spec.get("driver", "zarr"), "kvstore": local},
                           open=True, read=True)
-  stores = {}
+  arrays = {}
   for key, future in opened.items():
     try:
-      stores[key] = future.result()
+      store = future.result()
     except ValueError as e:  # TensorStore reports missing/invalid metadata as ValueError
       raise ValueError(f"parameter {key!r}: cannot open its TensorStore array ({e})") from e
-  for key, store in stores.items():
     expected = specs[key].get("metadata", {}).get("shape")
     if expected is not None and tuple(expected) != tuple(store.shape):
       raise ValueError(f"parameter {key!r}: zarr array shape {tuple(store.shape)} differs from "
                        f"the shape {tuple(expected)} recorded in the checkpoint's msgpack spec")
-  reads = {key: store.read() for key, store in stores.items()}
-  arrays = {}
-  for key, future in reads.items():
-    try:
-      arrays[key] = np.asarray(future.result())
-    except ValueError as e:  # e.g. a missing or corrupt chunk file
-      raise ValueError(f"parameter {key!r}: cannot read its TensorStore array ({e})") from e
-  if version < 3:  # format version 2 wrote bfloat16 arrays to TensorStore as uint16 bit patterns
-    import ml_dtypes
-    arrays = {k: a.view(ml_dtypes.bfloat16) if a.dtype == np.uint16 else a
-              for k, a in arrays.items()}
+    where = f"parameter {key!r} ({_store_path(store)})"
+    arrays[key] = TensorStoreArray(store, where, bits_as_bfloat16=version < 3)
   return arrays
+
+
+def _store_path(store: Any) -> str:
+  """The directory a file-backed TensorStore reads from (for error messages)."""
+  kvstore = store.kvstore
+  return getattr(kvstore, "path", None) or str(kvstore)
 
 
 def _read_orbax(directory: Path, subtree: str) -> dict[str, np.ndarray]:

@@ -109,7 +109,7 @@ class _LazyStack:
     index = index if isinstance(index, tuple) else (index,)
     layer_index, rest = (index[0], index[1:]) if index else (slice(None), ())
     layers = range(len(self.parts))[layer_index]
-    return np.stack([np.asarray(self.parts[i])[rest] for i in layers])
+    return np.stack([np.asarray(self.parts[i][rest]) for i in layers])
 
   def __array__(self, dtype=None, copy=None):
     array = self[:]
@@ -122,6 +122,8 @@ def place_params(flat: Mapping[str, Any], cfg: T5Config, mesh: Mesh,
 
   Checks every shape against `cfg` first (naming the parameter and both shapes), stacks layers
   when `cfg.scan_layers`, casts to `cfg.param_dtype`, and transfers each device only its shard.
+  Sources are read one shard at a time (`source[index]`, a tuple of slices), each distinct shard
+  once: with `lazy_arrays` sources only the leaf being placed is ever in host memory.
   """
   from ptuning.checkpoints.validate import check_params_match_config
   unscanned_cfg = cfg.replace(scan_layers=False, remat_policy="none")
@@ -133,10 +135,14 @@ def place_params(flat: Mapping[str, Any], cfg: T5Config, mesh: Mesh,
   dtype = np.dtype(cfg.param_dtype)
 
   def make(path):
-    source = flat[path]
-    return jax.make_array_from_callback(
-        tuple(source.shape), shardings[path],
-        lambda index: np.asarray(source[index]).astype(dtype))
+    source, shards = flat[path], {}
+
+    def shard(index):  # devices holding the same shard (replicas) share one read
+      key = tuple((s.start, s.stop, s.step) for s in index)
+      if key not in shards:
+        shards[key] = np.asarray(source[index]).astype(dtype)
+      return shards[key]
+    return jax.make_array_from_callback(tuple(source.shape), shardings[path], shard)
   return param_tree.unflatten({path: make(path) for path in shardings})
 
 
