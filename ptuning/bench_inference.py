@@ -17,8 +17,9 @@ rows of random lengths, first row full) and fetch every result to the host insid
   Every batch's token ids are compared (a float near-tie may flip one; it is counted, not fatal).
 - score (rank classification): `C = --candidates` targets `[B, C, T]` per input, summed
   log-likelihood of each. Both encode each input once and run the decoder over the `B * C`
-  candidate rows (ours: one jit; theirs: the encoder, then one decoder forward with
-  `encoder_outputs` repeated per candidate, log-softmax gathered at the targets).
+  candidate rows (ours: one jit, the candidates of an input sharing its cross-attention keys
+  and values, `EncoderDecoder.decode_logits`; theirs: the encoder, then one decoder forward
+  with `encoder_outputs` repeated per candidate, log-softmax gathered at the targets).
   tokens/s = (`B * L` input + `B * C * T` target tokens, padding included) / second.
   Log-likelihoods are compared (max |difference|, and whether the chosen candidate agrees).
 
@@ -173,7 +174,6 @@ def make_rank_score_fn(cfg):
   """jit `(params, inputs [B, L], candidates [B, C, T]) -> summed log p(candidate) [B, C]` f32:
   each input encoded once, the decoder run over its `C` candidates (rank classification)."""
   import jax
-  import jax.numpy as jnp
   from ptuning.model import decoding
   from ptuning.model.t5 import EncoderDecoder
   model = EncoderDecoder(cfg)
@@ -183,9 +183,8 @@ def make_rank_score_fn(cfg):
     b, c, t = candidates.shape
     encoded = model.apply({"params": params}, inputs, method=EncoderDecoder.encode)
     targets = candidates.reshape(b * c, t)
-    logits = model.apply({"params": params}, jnp.repeat(encoded, c, axis=0),
-                         jnp.repeat(inputs > 0, c, axis=0), decoding.shift_right(targets),
-                         method=EncoderDecoder.decode_logits)
+    logits = model.apply({"params": params}, encoded, inputs > 0, decoding.shift_right(targets),
+                         method=EncoderDecoder.decode_logits)  # candidates share the encoding
     return decoding.sequence_log_likelihood(logits, targets).reshape(b, c)
   return score
 
@@ -282,7 +281,9 @@ def run(args) -> int:
   ratio = theirs["batch_s_median"] / ours["batch_s_median"]
   print(f"hardware: jax {hw['jax']} {hw['backend']} backend, 1 x {hw['device_kind']} | CPU: "
         f"{hw['cpu']} | {hw['cores']} cores | load average {load_average:.2f}")
-  print(f"ours: one jit ({'encode + greedy_decode' if args.mode == 'decode' else 'encode + score'})"
+  what = ("encode + greedy_decode" if args.mode == "decode" else
+          "encode + score, candidates sharing cross-attention keys/values")
+  print(f"ours: one jit ({what})"
         f" | compile {ours['compile_s']:.1f} s | peak RSS {_gib(ours['peak_rss'])} "
         f"({_gib(ours['rss_before_build'])} after imports)")
   call = (f"generate(max_new_tokens={spec['targets']}, min_new_tokens={spec['targets']}, "

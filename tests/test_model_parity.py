@@ -127,3 +127,31 @@ def test_cached_decoding_equals_teacher_forcing(hf_checkpoint):
                                                 decoder_inputs[:, t], targets.shape[1])
       np.testing.assert_allclose(np.asarray(step_logits), np.asarray(full[:, t]), atol=1e-4,
                                  rtol=1e-4)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_candidates_sharing_one_encoding_match_transformers(hf_checkpoint, scan_layers):
+  """Rank classification: `decode_logits(encoded [N, L, E], ..., targets [N * G, T])` (keys and
+  values projected once per input) equals transformers run on the encoder outputs repeated per
+  candidate; a batch that is not a multiple of N is refused, naming both shapes."""
+  _, hf_model, path = hf_checkpoint
+  rng = np.random.default_rng(5)
+  group = 3
+  inputs, targets = padded_batch(rng, 2, 11), padded_batch(rng, 2 * group, 5)
+  with torch.no_grad():
+    encoded_hf = hf_model.encoder(input_ids=torch.tensor(inputs),
+                                  attention_mask=torch.tensor(inputs != 0)).last_hidden_state
+    expected = hf_model(encoder_outputs=(encoded_hf.repeat_interleave(group, dim=0),),
+                        attention_mask=torch.tensor(inputs != 0).repeat_interleave(group, dim=0),
+                        labels=torch.tensor(targets)).logits.numpy()
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
+  cfg, params = load_backbone(path, mesh, scan_layers=scan_layers)
+  model, tokens = EncoderDecoder(cfg), jnp.asarray(inputs, jnp.int32)
+  encoded = model.apply({"params": params}, tokens, method=EncoderDecoder.encode)
+  decoder_inputs = decoding.shift_right(jnp.asarray(targets, jnp.int32))
+  ours = model.apply({"params": params}, encoded, tokens > 0, decoder_inputs,
+                     method=EncoderDecoder.decode_logits)
+  np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-4, rtol=1e-4)
+  with pytest.raises(ValueError, match=r"\(5, 5\).*\(2, 11, 32\)"):
+    model.apply({"params": params}, encoded, tokens > 0, decoder_inputs[:5],
+                method=EncoderDecoder.decode_logits)

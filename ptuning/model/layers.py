@@ -210,6 +210,12 @@ class MultiHeadAttention(nn.Module):
   keys/values once, at cache-initialisation time, and reuses them every step.
   `attention_impl` 'recompute' (`recomputed_attention`) or 'plain' (`dot_product_attention`):
   the same forward, only what the backward pass keeps differs.
+
+  Cross-attention may take `inputs_q [batch * G, q, embed]` against `inputs_kv [batch, k, embed]`
+  (and `bias` over `batch`): query rows `i * G ... i * G + G - 1` all attend to key row `i`, as if
+  the keys were repeated G times, but keys and values are projected once per row and the G
+  rows' queries go through one `[G * q, k]` attention (rank classification: G candidates per
+  input share one encoding).
   """
 
   num_heads: int
@@ -255,8 +261,13 @@ class MultiHeadAttention(nn.Module):
     if not self.deterministic and self.dropout_rate > 0:
       # The key the weights' `nn.Dropout` child has always drawn: the same masks as before.
       dropout_rng = nn.Dropout(self.dropout_rate, name="Dropout_0").make_rng("dropout")
+    group = query.shape[0] // key.shape[0]
+    if group > 1:  # `group` query rows per key row (see the class docstring): attend as one row
+      query = query.reshape((key.shape[0], group * query.shape[1]) + query.shape[2:])
     attend = recomputed_attention if self.attention_impl == "recompute" else dot_product_attention
     out = attend(query, key, value, bias, dropout_rng, self.dropout_rate, self.dtype)
+    if group > 1:
+      out = out.reshape((key.shape[0] * group, -1) + out.shape[2:])
     out = constrain(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(out.shape[:2] + (self.num_heads * self.d_kv,))
     return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), 1.0, self.dtype, self.param_dtype,

@@ -307,7 +307,16 @@ class EncoderDecoder(nn.Module):
     return self.encoder(self.embed(encoder_input_tokens), encoder_input_tokens > 0)
 
   def decode_logits(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array) -> Array:
-    """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> `[B, T, V]` f32."""
+    """Teacher-forced (or, with `decode=True`, one cached step of) decoding -> `[B, T, V]` f32.
+
+    `encoded [N, L, E]`, `encoder_mask [N, L]`, `decoder_input_tokens [B, T]` with `B = N * G`:
+    decoder rows `i * G ... i * G + G - 1` read encoder row `i` (G = 1: one each), exactly as
+    with the encoder rows repeated G times (`jnp.repeat(encoded, G, axis=0)`) but with each
+    row's cross-attention keys and values computed once (G candidates of one input)."""
+    if decoder_input_tokens.shape[0] % encoded.shape[0] or (
+        self.decode and decoder_input_tokens.shape[0] != encoded.shape[0]):
+      raise ValueError(f"decoder_input_tokens {decoder_input_tokens.shape}: its batch must be a "
+                       f"multiple of encoded {encoded.shape}'s (equal when decoding)")
     return self.decoder(self.embed(decoder_input_tokens), encoded, encoder_mask,
                         self.token_embedder.embedding)
 
