@@ -9,8 +9,8 @@ The pieces follow T5/SeqIO's `rank_classification` preprocessor, postprocessor a
 - `rank_classification(targets, scores, num_classes)`: a `(targets, scores)` SeqIO score
   metric: accuracy and F1 (binary, positive class 1) or mean per-class F1 (more classes).
 - `evaluate_rank_task`: scores a registered `*_rank` task's rows with
-  `ptuning.model.decoding.sequence_log_likelihood` (summed target log-probability) and
-  applies the task's score metrics.
+  `ptuning.model.decoding.sequence_log_likelihood` (summed target log-probability; each input
+  encoded once for all its label rows) and applies the task's score metrics.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ import tensorflow as tf
 
 from tasks import metrics
 
-# (inputs [B, L] int32, decoder input tokens [B, T] int32) -> logits [B, T, V].
+# (inputs [N, L] int32, decoder input tokens [N * G, T] int32) -> logits [N * G, T, V], decoder
+# rows i*G ... i*G+G-1 scored against input i (G = 1: row by row), as
+# `EncoderDecoder.decode_logits` and `ptuning.train.evaluation.make_logits_fn` do.
 LogitsFn = Callable[[Any, Any], Any]
 
 
@@ -103,22 +105,44 @@ def _pad(rows: Sequence[np.ndarray], batch: int, length: int) -> np.ndarray:
   return out
 
 
+def candidates_per_input(examples: Sequence[Mapping[str, Any]]) -> int:
+  """G when the rows come in runs of G candidates of one input (a rank task's rows: same
+  `idx[0]` and same `inputs`, G rows each), else 1."""
+  if not examples or any("idx" not in ex for ex in examples):
+    return 1
+  runs: list[list[Mapping[str, Any]]] = []
+  for ex in examples:
+    if runs and int(ex["idx"][0]) == int(runs[-1][0]["idx"][0]):
+      runs[-1].append(ex)
+    else:
+      runs.append([ex])
+  group = len(runs[0])
+  uniform = all(len(run) == group for run in runs) and all(
+      np.array_equal(ex["inputs"], run[0]["inputs"]) for run in runs for ex in run)
+  return group if uniform else 1
+
+
 def score_examples(examples: Sequence[Mapping[str, Any]], logits_fn: LogitsFn,
                    task_feature_lengths: Mapping[str, int], batch_size: int = 32) -> np.ndarray:
   """Summed log p(targets | inputs) `[num_examples]` of tokenised examples.
 
-  `logits_fn(inputs [B, L_in], decoder_input_tokens [B, L_tgt]) -> logits [B, L_tgt, V]`;
-  for a trained run `ptuning.train.evaluation.make_logits_fn(exp, params)` (its method and
-  mode token, as in training).
-  The last batch is padded with empty rows, whose scores are dropped.
+  `logits_fn` is a `LogitsFn`; for a trained run `ptuning.train.evaluation.make_logits_fn(exp,
+  params)` (its method and mode token, as in training). Rows that come as G candidates of one
+  input (`candidates_per_input`) are scored with that input encoded once: each call passes
+  `batch_size // G` inputs and their `G` candidates each. The last batch is padded with empty
+  rows, whose scores are dropped.
   """
   from ptuning.model import decoding  # jax/flax only when scoring.
 
+  group = candidates_per_input(examples)
+  inputs_per_batch = max(1, batch_size // group)
+  rows_per_batch = inputs_per_batch * group
   scores = []
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    inputs = _pad([ex["inputs"] for ex in chunk], batch_size, task_feature_lengths["inputs"])
-    targets = _pad([ex["targets"] for ex in chunk], batch_size, task_feature_lengths["targets"])
+  for start in range(0, len(examples), rows_per_batch):
+    chunk = examples[start:start + rows_per_batch]
+    inputs = _pad([ex["inputs"] for ex in chunk[::group]], inputs_per_batch,
+                  task_feature_lengths["inputs"])
+    targets = _pad([ex["targets"] for ex in chunk], rows_per_batch, task_feature_lengths["targets"])
     logits = logits_fn(inputs, decoding.shift_right(targets))
     scores.extend(np.asarray(decoding.sequence_log_likelihood(logits, targets))[:len(chunk)])
   return np.asarray(scores, np.float32)

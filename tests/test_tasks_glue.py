@@ -192,3 +192,40 @@ def test_benchmark_task_for_gin(shared_data, names):
                         superglue_dir=str(shared_data / "superglue")) == "super_glue_rte_rank"
   with pytest.raises(ValueError, match="unknown benchmark task"):
     benchmark_task("glue_nope", vocab_path)
+
+
+def test_rank_rows_share_one_encoding_and_score_as_row_by_row(names):
+  """CB's rank rows (3 labels per example) are scored with each input encoded once: the model
+  sees a third of the rows as inputs, and every score equals scoring the row on its own."""
+  import jax
+  from ptuning import sharding
+  from ptuning.model import build
+  from ptuning.model.config import get_preset
+  from ptuning.model.t5 import EncoderDecoder
+
+  examples = make_eval_examples("super_glue_cb_rank", "validation", LENGTHS)[:12]
+  assert rank.candidates_per_input(examples) == 3
+  cfg = get_preset("tiny_t5_1_1")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
+  params = build.init_params(cfg, jax.random.key(0), mesh)
+  model, seen = EncoderDecoder(cfg), []
+
+  @jax.jit
+  def logits(inputs, decoder_inputs):
+    encoded = model.apply({"params": params}, inputs, method=EncoderDecoder.encode)
+    return model.apply({"params": params}, encoded, inputs > 0, decoder_inputs,
+                       method=EncoderDecoder.decode_logits)
+
+  def logits_fn(inputs, decoder_inputs):
+    seen.append((inputs.shape[0], decoder_inputs.shape[0]))
+    return logits(inputs, decoder_inputs)
+
+  grouped = rank.score_examples(examples, logits_fn, LENGTHS, batch_size=6)
+  assert seen == [(2, 6)] * 2
+  one_by_one = rank.score_examples([{k: v for k, v in ex.items() if k != "idx"}
+                                    for ex in examples], logits_fn, LENGTHS, batch_size=6)
+  assert seen[2:] == [(6, 6)] * 2
+  np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
+  assert len(set(np.round(grouped, 3))) > 3  # the scores differ between rows
+  mixed = list(examples[:3]) + list(examples[4:7])  # a run of 2 and ...: not uniform
+  assert rank.candidates_per_input(mixed) == 1

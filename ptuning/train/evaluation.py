@@ -66,9 +66,11 @@ def make_decode_fn(exp: Experiment, max_decode_length: int, method: str, **kwarg
 
 
 def make_logits_fn(exp: Experiment, params: Any, task_ids: Any = None):
-  """(input tokens `[B, L]`, decoder input tokens `[B, T]`) -> teacher-forced logits `[B, T, V]`
-  of the prompted model (method and mode token as trained), jitted: the `logits_fn` of
-  tasks/rank.py's scoring. `task_ids [B]` (multitask methods) applies to every call."""
+  """(input tokens `[N, L]`, decoder input tokens `[N * G, T]`) -> teacher-forced logits
+  `[N * G, T, V]` of the prompted model (method and mode token as trained), jitted: the
+  `logits_fn` of tasks/rank.py's scoring (decoder rows `i * G ... i * G + G - 1` are candidates
+  of input `i`, which is encoded once). `task_ids [N]` (multitask methods, one per input)
+  applies to every call."""
   logits = jax.jit(lambda p, x, d, t: prompted_logits(exp.model, exp.method, p, x, d,
                                                       task_ids=t, mode_token=exp.spec.mode_token))
   return lambda tokens, decoder_input_tokens: logits(params, tokens, decoder_input_tokens, task_ids)
