@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable, Sequence
 
 import jax
 import numpy as np
@@ -59,8 +59,24 @@ def _pad(rows: list[list[int]], batch: int) -> np.ndarray:
   return out
 
 
+def candidate_group_size(keys: Sequence[Hashable]) -> int:
+  """G when `keys` come in consecutive runs of exactly G equal keys, else 1: G > 1 means rows
+  that are G candidates of one input (as rank classification writes them), which can share
+  one encoding."""
+  runs: list[int] = []
+  previous = object()
+  for key in keys:
+    if runs and key == previous:
+      runs[-1] += 1
+    else:
+      runs.append(1)
+    previous = key
+  return runs[0] if runs and all(n == runs[0] for n in runs) else 1
+
+
 def make_score_fn(cfg: T5Config):
-  """jit-compiled `(params, inputs [B, L], targets [B, T]) -> summed log p(targets) [B]`."""
+  """jit-compiled `(params, inputs [N, L], targets [N * G, T]) -> summed log p(targets) [N * G]`;
+  targets `i * G ... i * G + G - 1` are scored against input `i`, encoded once."""
   model = EncoderDecoder(cfg)
 
   @jax.jit
@@ -72,13 +88,19 @@ def make_score_fn(cfg: T5Config):
 
 def score_token_ids(cfg: T5Config, params: Any, inputs: list[list[int]], targets: list[list[int]],
                     batch_size: int = 16) -> np.ndarray:
-  """Scores of tokenised examples `[num_examples]` (float32)."""
+  """Scores of tokenised examples `[num_examples]` (float32). Consecutive examples with the same
+  input, G of them for every input (`candidate_group_size`), share one encoding: each call
+  scores `batch_size // G` inputs' candidates."""
   score = make_score_fn(cfg)
+  group = candidate_group_size([tuple(row) for row in inputs])
+  inputs_per_batch = max(1, batch_size // group)
+  rows_per_batch = inputs_per_batch * group
   scores = []
-  for start in range(0, len(inputs), batch_size):
-    rows_in, rows_tgt = inputs[start:start + batch_size], targets[start:start + batch_size]
-    result = score(params, _pad(rows_in, batch_size), _pad(rows_tgt, batch_size))
-    scores.extend(np.asarray(result)[:len(rows_in)].tolist())
+  for start in range(0, len(inputs), rows_per_batch):
+    rows_in = inputs[start:start + rows_per_batch:group]
+    rows_tgt = targets[start:start + rows_per_batch]
+    result = score(params, _pad(rows_in, inputs_per_batch), _pad(rows_tgt, rows_per_batch))
+    scores.extend(np.asarray(result)[:len(rows_tgt)].tolist())
   return np.asarray(scores, np.float32)
 
 

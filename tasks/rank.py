@@ -106,20 +106,10 @@ def _pad(rows: Sequence[np.ndarray], batch: int, length: int) -> np.ndarray:
 
 
 def candidates_per_input(examples: Sequence[Mapping[str, Any]]) -> int:
-  """G when the rows come in runs of G candidates of one input (a rank task's rows: same
-  `idx[0]` and same `inputs`, G rows each), else 1."""
-  if not examples or any("idx" not in ex for ex in examples):
-    return 1
-  runs: list[list[Mapping[str, Any]]] = []
-  for ex in examples:
-    if runs and int(ex["idx"][0]) == int(runs[-1][0]["idx"][0]):
-      runs[-1].append(ex)
-    else:
-      runs.append([ex])
-  group = len(runs[0])
-  uniform = all(len(run) == group for run in runs) and all(
-      np.array_equal(ex["inputs"], run[0]["inputs"]) for run in runs for ex in run)
-  return group if uniform else 1
+  """G when the rows come in consecutive runs of G with the same `inputs` (a rank task's label
+  rows of one example), else 1 (`ptuning.scoring.candidate_group_size`)."""
+  from ptuning.scoring import candidate_group_size  # jax/flax only when scoring.
+  return candidate_group_size([tuple(np.asarray(ex["inputs"]).tolist()) for ex in examples])
 
 
 def score_examples(examples: Sequence[Mapping[str, Any]], logits_fn: LogitsFn,

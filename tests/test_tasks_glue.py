@@ -220,11 +220,13 @@ def test_rank_rows_share_one_encoding_and_score_as_row_by_row(names):
     seen.append((inputs.shape[0], decoder_inputs.shape[0]))
     return logits(inputs, decoder_inputs)
 
+  def repeated_inputs_fn(inputs, decoder_inputs):  # each row with its own copy of its input
+    return logits(np.repeat(inputs, decoder_inputs.shape[0] // inputs.shape[0], axis=0),
+                  decoder_inputs)
+
   grouped = rank.score_examples(examples, logits_fn, LENGTHS, batch_size=6)
   assert seen == [(2, 6)] * 2
-  one_by_one = rank.score_examples([{k: v for k, v in ex.items() if k != "idx"}
-                                    for ex in examples], logits_fn, LENGTHS, batch_size=6)
-  assert seen[2:] == [(6, 6)] * 2
+  one_by_one = rank.score_examples(examples, repeated_inputs_fn, LENGTHS, batch_size=6)
   np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
   assert len(set(np.round(grouped, 3))) > 3  # the scores differ between rows
   mixed = list(examples[:3]) + list(examples[4:7])  # a run of 2 and ...: not uniform
