@@ -21,8 +21,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
+
+# Remat policies look for `dot_general`, which the custom VJP below hides: its products carry
+# these names instead (`t5.REMAT_POLICY_FNS` saves them where the policy saves dots).
+BATCHED_NAME, UNBATCHED_NAME = "mixed_einsum_batched", "mixed_einsum"
 
 
 def einsum(spec: str, a: Array, b: Array, out_dtype=None, dtype=None) -> Array:
@@ -36,7 +41,10 @@ def einsum(spec: str, a: Array, b: Array, out_dtype=None, dtype=None) -> Array:
   if dtype == jnp.float32:
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
                       preferred_element_type=jnp.float32).astype(out_dtype)
-  return _einsum_acc32(spec, out_dtype, dtype, a, b)
+  lhs, rhs, out = _parse(spec)
+  batched = bool(set(lhs) & set(rhs) & set(out))
+  return checkpoint_name(_einsum_acc32(spec, out_dtype, dtype, a, b),
+                         BATCHED_NAME if batched else UNBATCHED_NAME)
 
 
 def _parse(spec: str) -> tuple[str, str, str]:

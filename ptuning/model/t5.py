@@ -41,11 +41,20 @@ Array = jax.Array
 
 LAYER_PROMPT_MODES = ("replace", "add")
 
+_policies = jax.checkpoint_policies
+# The dot policies also save the named low-precision products of `mixed_einsum` (a custom VJP,
+# which the dot policies cannot see into: without the names they would recompute everything).
+_SAVE_DOTS = _policies.save_from_both_policies(
+    _policies.checkpoint_dots,
+    _policies.save_only_these_names(mixed_einsum.BATCHED_NAME, mixed_einsum.UNBATCHED_NAME))
+_SAVE_UNBATCHED_DOTS = _policies.save_from_both_policies(
+    _policies.dots_with_no_batch_dims_saveable,
+    _policies.save_only_these_names(mixed_einsum.UNBATCHED_NAME))
 REMAT_POLICY_FNS = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": _SAVE_DOTS,
+    "dots_with_no_batch_dims": _SAVE_UNBATCHED_DOTS,
+    "minimal": _SAVE_UNBATCHED_DOTS,
 }
 
 
