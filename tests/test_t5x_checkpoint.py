@@ -15,7 +15,8 @@ from flax import serialization
 from flax.traverse_util import unflatten_dict
 
 from ptuning.checkpoints.infer_config import infer_t5_config_kwargs
-from ptuning.checkpoints.t5x import (is_t5x_checkpoint, read_t5x_checkpoint,
+from ptuning.checkpoints.lazy_arrays import TensorStoreArray
+from ptuning.checkpoints.t5x import (is_t5x_checkpoint, open_t5x_checkpoint, read_t5x_checkpoint,
                                      read_t5x_optimizer_state)
 from ptuning.model.config import T5Config
 
@@ -214,6 +215,10 @@ def test_orbax_round_trip(tmp_path):
   for path in (direct, tmp_path / "managed" / "4", tmp_path / "managed"):
     assert is_t5x_checkpoint(path)
     assert_same(read_t5x_checkpoint(path), params)
+    opened = open_t5x_checkpoint(path)  # left on disk, read slice by slice
+    assert all(isinstance(v, TensorStoreArray) for v in opened.values()), path
+    key = "encoder/layers_0/mlp/wi/kernel"
+    np.testing.assert_array_equal(opened[key][(slice(1, 3),)], params[key][1:3])
     opt = read_t5x_optimizer_state(path)
     assert opt["step"] == 5 and len(opt) == 1 + len(params)
   assert T5Config(**infer_t5_config_kwargs(read_t5x_checkpoint(direct))) == cfg

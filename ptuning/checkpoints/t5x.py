@@ -53,7 +53,9 @@ def read_t5x_checkpoint(path: PathLike) -> dict[str, np.ndarray]:
 def open_t5x_checkpoint(path: PathLike) -> dict[str, np.ndarray | TensorStoreArray]:
   """`read_t5x_checkpoint` with the zarr arrays of the msgpack + zarr layout left on disk, as
   `TensorStoreArray`s opened (metadata and shapes checked) but not read: they read only the
-  slices asked for. Inline msgpack arrays and Orbax checkpoints come back as numpy arrays."""
+  slices asked for; likewise the arrays of an Orbax checkpoint (zarr in its OCDBT database).
+  Inline msgpack arrays, and Orbax layouts TensorStore cannot open directly, come back as numpy
+  arrays."""
   return _read_subtree(path, "target", lazy=True)
 
 
@@ -83,7 +85,8 @@ def is_t5x_checkpoint(path: PathLike) -> bool:
 def _read_subtree(path: PathLike, subtree: str, lazy: bool = False) -> dict[str, Any]:
   kind, location = _locate(Path(path))
   if kind == "orbax":
-    return _read_orbax(location, subtree)
+    opened = _open_orbax_arrays(location, subtree) if lazy else None
+    return opened if opened is not None else _read_orbax(location, subtree)
   return _read_msgpack(location, subtree, lazy)
 
 
@@ -231,6 +234,46 @@ def _store_path(store: Any) -> str:
   """The directory a file-backed TensorStore reads from (for error messages)."""
   kvstore = store.kvstore
   return getattr(kvstore, "path", None) or str(kvstore)
+
+
+def _open_orbax_arrays(directory: Path, subtree: str) -> dict[str, TensorStoreArray] | None:
+  """`subtree`'s arrays of an Orbax checkpoint opened in place with TensorStore (zarr inside the
+  OCDBT database, or one zarr directory per array in the older layout), reading nothing; None
+  when the layout is not one of these (the caller then restores through Orbax)."""
+  try:
+    metadata = json.loads((directory / "_METADATA").read_text())
+    tree = metadata["tree_metadata"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  names = {}
+  for entry in tree.values():
+    keys = [str(k.get("key")) for k in entry.get("key_metadata", [])]
+    if keys and keys[0] == "optimizer":
+      keys = keys[1:]
+    if not keys or keys[0] != subtree:
+      continue
+    if entry.get("value_metadata", {}).get("value_type") not in ("jax.Array", "np.ndarray"):
+      return None
+    names["/".join(keys[1:])] = ".".join(str(k.get("key")) for k in entry["key_metadata"])
+  if not names:
+    return None
+  driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
+  layouts = [{"driver": "file", "path": str(directory / "{name}")}]
+  if metadata.get("use_ocdbt", True):
+    layouts.insert(0, {"driver": "ocdbt", "base": f"file://{directory}/", "path": "{name}"})
+  arrays = {}
+  for key, name in sorted(names.items()):
+    for layout in layouts:
+      kvstore = {k: v.format(name=name) if k == "path" else v for k, v in layout.items()}
+      try:
+        store = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
+      except ValueError:  # not found in this layout: try the next one
+        continue
+      arrays[key] = TensorStoreArray(store, f"parameter {key!r} ({name} in {directory})")
+      break
+    else:
+      return None
+  return arrays
 
 
 def _read_orbax(directory: Path, subtree: str) -> dict[str, np.ndarray]:
