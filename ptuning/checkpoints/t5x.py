@@ -258,13 +258,17 @@ def _open_orbax_arrays(directory: Path, subtree: str) -> dict[str, TensorStoreAr
   if not names:
     return None
   driver = "zarr3" if metadata.get("use_zarr3") else "zarr"
-  layouts = [{"driver": "file", "path": str(directory / "{name}")}]
-  if metadata.get("use_ocdbt", True):
-    layouts.insert(0, {"driver": "ocdbt", "base": f"file://{directory}/", "path": "{name}"})
+  root = directory.resolve()
+
+  def kvstores(name: str) -> list[dict[str, str]]:  # where array `name` may live, in order
+    per_array = {"driver": "file", "path": str(root / name)}
+    if not metadata.get("use_ocdbt", True):
+      return [per_array]
+    return [{"driver": "ocdbt", "base": root.as_uri() + "/", "path": name}, per_array]
+
   arrays = {}
   for key, name in sorted(names.items()):
-    for layout in layouts:
-      kvstore = {k: v.format(name=name) if k == "path" else v for k, v in layout.items()}
+    for kvstore in kvstores(name):
       try:
         store = ts.open({"driver": driver, "kvstore": kvstore}, open=True, read=True).result()
       except ValueError:  # not found in this layout: try the next one
