@@ -172,20 +172,16 @@ def make_decode_fn(cfg, max_new_tokens: int):
 
 def make_rank_score_fn(cfg):
   """jit `(params, inputs [B, L], candidates [B, C, T]) -> summed log p(candidate) [B, C]` f32:
-  each input encoded once, the decoder run over its `C` candidates (rank classification)."""
+  `ptuning score`'s function (`scoring.make_score_fn`): each input encoded once, the decoder run
+  over its `C` candidates, which share its cross-attention keys and values."""
   import jax
-  from ptuning.model import decoding
-  from ptuning.model.t5 import EncoderDecoder
-  model = EncoderDecoder(cfg)
+  from ptuning.scoring import make_score_fn
+  score_rows = make_score_fn(cfg)
 
   @jax.jit
   def score(params, inputs, candidates):
     b, c, t = candidates.shape
-    encoded = model.apply({"params": params}, inputs, method=EncoderDecoder.encode)
-    targets = candidates.reshape(b * c, t)
-    logits = model.apply({"params": params}, encoded, inputs > 0, decoding.shift_right(targets),
-                         method=EncoderDecoder.decode_logits)  # candidates share the encoding
-    return decoding.sequence_log_likelihood(logits, targets).reshape(b, c)
+    return score_rows(params, inputs, candidates.reshape(b * c, t)).reshape(b, c)
   return score
 
 

@@ -8,10 +8,11 @@ leaves a truncated output or touches the input.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -63,15 +64,22 @@ def candidate_group_size(keys: Sequence[Hashable]) -> int:
   """G when `keys` come in consecutive runs of exactly G equal keys, else 1: G > 1 means rows
   that are G candidates of one input (as rank classification writes them), which can share
   one encoding."""
-  runs: list[int] = []
-  previous = object()
-  for key in keys:
-    if runs and key == previous:
-      runs[-1] += 1
-    else:
-      runs.append(1)
-    previous = key
-  return runs[0] if runs and all(n == runs[0] for n in runs) else 1
+  sizes = {sum(1 for _ in run) for _, run in itertools.groupby(keys)}
+  return sizes.pop() if len(sizes) == 1 else 1
+
+
+def candidate_batches(keys: Sequence[Hashable], batch_size: int
+                      ) -> Iterator[tuple[slice, slice, int, int]]:
+  """Batches of whole candidate groups of rows keyed by their input (`candidate_group_size`:
+  G): `(rows, one_row_per_input, inputs_per_batch, rows_per_batch)`, the two slices into the
+  rows and the padded batch sizes, the same for every batch (`batch_size // G` inputs and
+  their G candidates each) so that one compilation serves them all."""
+  group = candidate_group_size(keys)
+  inputs_per_batch = max(1, batch_size // group)
+  rows_per_batch = inputs_per_batch * group
+  for start in range(0, len(keys), rows_per_batch):
+    stop = min(start + rows_per_batch, len(keys))
+    yield slice(start, stop), slice(start, stop, group), inputs_per_batch, rows_per_batch
 
 
 def make_score_fn(cfg: T5Config):
@@ -92,14 +100,11 @@ def score_token_ids(cfg: T5Config, params: Any, inputs: list[list[int]], targets
   input, G of them for every input (`candidate_group_size`), share one encoding: each call
   scores `batch_size // G` inputs' candidates."""
   score = make_score_fn(cfg)
-  group = candidate_group_size([tuple(row) for row in inputs])
-  inputs_per_batch = max(1, batch_size // group)
-  rows_per_batch = inputs_per_batch * group
   scores = []
-  for start in range(0, len(inputs), rows_per_batch):
-    rows_in = inputs[start:start + rows_per_batch:group]
-    rows_tgt = targets[start:start + rows_per_batch]
-    result = score(params, _pad(rows_in, inputs_per_batch), _pad(rows_tgt, rows_per_batch))
+  for rows, per_input, n_inputs, n_rows in candidate_batches([tuple(r) for r in inputs],
+                                                             batch_size):
+    rows_tgt = targets[rows]
+    result = score(params, _pad(inputs[per_input], n_inputs), _pad(rows_tgt, n_rows))
     scores.extend(np.asarray(result)[:len(rows_tgt)].tolist())
   return np.asarray(scores, np.float32)
 

@@ -109,7 +109,11 @@ def candidates_per_input(examples: Sequence[Mapping[str, Any]]) -> int:
   """G when the rows come in consecutive runs of G with the same `inputs` (a rank task's label
   rows of one example), else 1 (`ptuning.scoring.candidate_group_size`)."""
   from ptuning.scoring import candidate_group_size  # jax/flax only when scoring.
-  return candidate_group_size([tuple(np.asarray(ex["inputs"]).tolist()) for ex in examples])
+  return candidate_group_size(_input_keys(examples))
+
+
+def _input_keys(examples: Sequence[Mapping[str, Any]]) -> list[tuple[int, ...]]:
+  return [tuple(np.asarray(ex["inputs"]).tolist()) for ex in examples]
 
 
 def score_examples(examples: Sequence[Mapping[str, Any]], logits_fn: LogitsFn,
@@ -123,16 +127,14 @@ def score_examples(examples: Sequence[Mapping[str, Any]], logits_fn: LogitsFn,
   rows, whose scores are dropped.
   """
   from ptuning.model import decoding  # jax/flax only when scoring.
+  from ptuning.scoring import candidate_batches
 
-  group = candidates_per_input(examples)
-  inputs_per_batch = max(1, batch_size // group)
-  rows_per_batch = inputs_per_batch * group
   scores = []
-  for start in range(0, len(examples), rows_per_batch):
-    chunk = examples[start:start + rows_per_batch]
-    inputs = _pad([ex["inputs"] for ex in chunk[::group]], inputs_per_batch,
+  for rows, per_input, n_inputs, n_rows in candidate_batches(_input_keys(examples), batch_size):
+    chunk = examples[rows]
+    inputs = _pad([ex["inputs"] for ex in examples[per_input]], n_inputs,
                   task_feature_lengths["inputs"])
-    targets = _pad([ex["targets"] for ex in chunk], rows_per_batch, task_feature_lengths["targets"])
+    targets = _pad([ex["targets"] for ex in chunk], n_rows, task_feature_lengths["targets"])
     logits = logits_fn(inputs, decoding.shift_right(targets))
     scores.extend(np.asarray(decoding.sequence_log_likelihood(logits, targets))[:len(chunk)])
   return np.asarray(scores, np.float32)

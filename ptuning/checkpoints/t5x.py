@@ -210,10 +210,11 @@ def _open_zarr_arrays(specs: dict[str, dict[str, Any]], ckpt_dir: Path,
                       version: int) -> dict[str, TensorStoreArray]:
   """Opens every spec's zarr array (all concurrently), checking shapes against the spec; reads
   nothing but metadata. Format version 2 wrote bfloat16 as uint16 bit patterns."""
-  opened = {}
+  opened, locations = {}, {}
   for key, spec in specs.items():
-    local = {"driver": "file", "path": os.path.abspath(_zarr_dir(spec, ckpt_dir, key))}
-    opened[key] = ts.open({"driver": spec.get("driver", "zarr"), "kvstore": local},
+    locations[key] = os.path.abspath(_zarr_dir(spec, ckpt_dir, key))
+    opened[key] = ts.open({"driver": spec.get("driver", "zarr"),
+                           "kvstore": {"driver": "file", "path": locations[key]}},
                           open=True, read=True)
   arrays = {}
   for key, future in opened.items():
@@ -225,15 +226,9 @@ def _open_zarr_arrays(specs: dict[str, dict[str, Any]], ckpt_dir: Path,
     if expected is not None and tuple(expected) != tuple(store.shape):
       raise ValueError(f"parameter {key!r}: zarr array shape {tuple(store.shape)} differs from "
                        f"the shape {tuple(expected)} recorded in the checkpoint's msgpack spec")
-    where = f"parameter {key!r} ({_store_path(store)})"
-    arrays[key] = TensorStoreArray(store, where, bits_as_bfloat16=version < 3)
+    arrays[key] = TensorStoreArray(store, f"parameter {key!r} ({locations[key]})",
+                                   bits_as_bfloat16=version < 3)
   return arrays
-
-
-def _store_path(store: Any) -> str:
-  """The directory a file-backed TensorStore reads from (for error messages)."""
-  kvstore = store.kvstore
-  return getattr(kvstore, "path", None) or str(kvstore)
 
 
 def _open_orbax_arrays(directory: Path, subtree: str) -> dict[str, TensorStoreArray] | None:
