@@ -3,6 +3,7 @@
 # Usage: bash benchmarks/run.sh [cpu|methods|inference|memory|profile]   (run on a quiet machine; timings are
 # medians). memory: prompt tuning vs full fine-tuning with attention kept / recomputed and
 # with scan + full remat. inference: greedy decoding and rank scoring against transformers (same weights).
+# GPU figures (T5 1.1 XL on one H100 / H200): benchmarks/gpu.sh, run on the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -366,7 +366,15 @@ def run(args) -> int:
   print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()), flush=True)
   load_average = os.getloadavg()[0]
   # PEFT first, in its own process, while this one holds no JAX memory (GPU preallocation).
-  peft_result = run_peft(spec) if args.vs == "peft" else None
+  # A peer that fails (out of memory, say) is reported, and ours is still measured.
+  peft_result, peft_error = None, None
+  if args.vs == "peft":
+    try:
+      peft_result = run_peft(spec)
+    except RuntimeError as e:
+      peft_error = str(e)
+      print(f"peft: FAILED, measuring ours alone; its error ends:\n{peft_error[-1500:]}",
+            flush=True)
   result = bench_ours(spec, flops)
   hw, ours = result["hardware"], result["ours"]
   hw["load_average"], peak = load_average, hw["peak_flops"]
@@ -403,7 +411,7 @@ def run(args) -> int:
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": spec, "hardware": hw, "flops": flops, "ours": ours, "peft": peft_result,
-                 "speedup_vs_peft": speedup}, f, indent=2)
+                 "peft_error": peft_error, "speedup_vs_peft": speedup}, f, indent=2)
   return 0
 
 
@@ -428,8 +436,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--method", default="prompt_tuning", choices=METHODS)
   p.add_argument("--remat", default="none", help="remat policy of each layer (train mode)")
   p.add_argument("--scan_layers", action="store_true", help="nn.scan over layers (train mode)")
-  p.add_argument("--attention", default="recompute", choices=("recompute", "plain"),
-                 help="attention backward: recompute probabilities (default) or keep them")
+  p.add_argument("--attention", default="recompute", choices=("recompute", "plain", "cudnn"),
+                 help="attention backward: recompute probabilities (default) or keep them; "
+                 "cudnn: flash attention (jax.nn.dot_product_attention) on a GPU in bfloat16")
   p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")

@@ -9,7 +9,12 @@ op to its instruction in the compiled HLO and sums, per step:
   elementwise / reduce  everything else (softmax, norms, casts, layout transposes), by op name
   collective            all-reduce / all-gather / ... between devices of the mesh
 
-with the FLOPs of the dots inside each op, so each row reads as achieved GFLOP/s. Times are
+with the FLOPs of the dots inside each op, so each row reads as achieved GFLOP/s. On a GPU the
+matmuls are also library calls: cuBLAS gemm custom-calls count as dots (their dimension numbers
+come from the backend config) and cuDNN flash attention calls (`--attention cudnn`) form their
+own row, `attention (cuDNN fused)`, counted with the products the kernels do (forward
+`4*B*N*T*S*H`, backward 2.5 times that: scores recomputed, then four gradient products). The
+GPU trace holds kernels (`classify_kernel` maps them back to instructions by name). Times are
 summed over the threads that launch ops; with several CPU threads one op may use them all, or
 two ops may run side by side, so the rows can add up to more than the step's wall time; the
 occupancy sweep (`occupancy`) splits the step into time with no op, one op and two or more ops
@@ -25,11 +30,15 @@ import os
 import re
 from typing import Callable
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
+# 'name = f32[2,3]{1,0} op(...)', or a tuple-shaped result '(bf16[...]{...}, s8[...]) op(...)'.
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \(?(\w+)\[([\d,]*)\]")
 _NUMBERED = re.compile(r"[.]\d+$")  # 'transpose_copy_fusion.219' -> 'transpose_copy_fusion'
 _COLLECTIVE = re.compile(r" (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                          r"(-start|-done)?\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_LIBRARY_CALL = re.compile(r'custom-call\(%?([\w.\-]+), %?([\w.\-]+)[,)].*'
+                           r'custom_call_target="__(cublas[^"]*|cudnn\$fmha[^"]*)"')
+_JSON_DIMS = lambda name, text: re.search(rf'"{name}":\[([^\]]*)\]', text)
 _DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?[\w.\-]+\), (lhs_batch_dims=\{[\d,]*\}, )?"
                   r"lhs_contracting_dims=\{([\d,]*)\}")
 
@@ -54,9 +63,31 @@ def _index_hlo(hlo: str) -> tuple[dict, dict, dict]:
   return shapes, bodies, lines
 
 
+def library_call(line: str, shapes: dict) -> tuple[str, float] | None:
+  """(category, FLOPs) of a cuBLAS gemm or cuDNN flash-attention custom-call; else None."""
+  call = _LIBRARY_CALL.search(line)
+  if not call:
+    return None
+  lhs, rhs, target = call.groups()
+  if target.startswith("cudnn"):  # query [B, T, N, H], key [B, S, N, H] (BTNH layout)
+    (b, t, n, h), s = shapes.get(lhs, [0] * 4), shapes.get(rhs, [0, 0])[1]
+    return "attention (cuDNN fused)", (10.0 if "Backward" in target else 4.0) * b * n * t * s * h
+  out = re.search(r"= \(?\w+\[([\d,]*)\]", line).group(1)
+  contracting, batch = (_JSON_DIMS(k, line) for k in ("lhs_contracting_dimensions",
+                                                        "lhs_batch_dimensions"))
+  k = math.prod(shapes.get(lhs, [0])[int(i.strip('" '))]
+                for i in (contracting.group(1).split(",") if contracting else []) if i.strip())
+  batched = bool(batch and batch.group(1).strip())
+  flops = 2.0 * math.prod(int(d) for d in out.split(",") if d) * k
+  return ("matmul (attention)" if batched else "matmul (projections)"), flops
+
+
 def classify(op: str, shapes: dict, bodies: dict, lines: dict) -> tuple[str, float]:
   """(category, FLOPs) of the executed op named `op` (a fusion or a bare instruction)."""
   line = lines.get(op, "")
+  library = library_call(line, shapes)
+  if library:
+    return library
   calls = _CALLS.search(line)
   text = bodies.get(calls.group(1), "") if calls else line
   flops, batched = 0.0, False
@@ -72,9 +103,25 @@ def classify(op: str, shapes: dict, bodies: dict, lines: dict) -> tuple[str, flo
   return f"{kind}: {_NUMBERED.sub('', op)}", 0.0
 
 
+def classify_kernel(kernel: str, shapes: dict, bodies: dict, lines: dict) -> tuple[str, float]:
+  """(category, FLOPs) of a GPU kernel: XLA names a fusion's kernel after its instruction
+  ('gemm_fusion_dot_25' for 'gemm_fusion_dot.25'); library kernels keep their own names (cuBLAS
+  'nvjet...' / '...gemm...', cuDNN '...sdpa...', 'cudnn::...'; their FLOPs are not counted)."""
+  for op in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
+    if op in lines:
+      return classify(op, shapes, bodies, lines)
+  if "sdpa" in kernel or "fmha" in kernel or "cudnn" in kernel:
+    return "attention (cuDNN fused)", 0.0
+  if "nvjet" in kernel or "gemm" in kernel or "cutlass" in kernel:
+    return "matmul (cuBLAS)", 0.0
+  if kernel.startswith(("memcpy", "memset")):
+    return f"copy: {kernel}", 0.0
+  return f"kernel: {kernel[:60]}", 0.0
+
+
 def profile_step(run_step: Callable[[], None], hlo: str, trace_dir: str, steps: int = 2) -> dict:
-  """Traces `steps` calls of `run_step` (which blocks) into `trace_dir` and returns
-  `{'steps', 'rows': [(category, ms_per_step, gflop_per_step, ops_per_step)], 'trace'}`."""
+  """Traces `steps` calls of `run_step` (which blocks) into `trace_dir` (the compiled HLO beside
+  it, `step.hlo.txt`) and returns `read_trace` of it."""
   import jax
   with jax.profiler.trace(trace_dir):
     for _ in range(steps):
@@ -83,23 +130,38 @@ def profile_step(run_step: Callable[[], None], hlo: str, trace_dir: str, steps: 
                  key=os.path.getmtime)
   if not files:
     raise FileNotFoundError(f"no *.xplane.pb trace under {trace_dir}")
+  with open(os.path.join(trace_dir, "step.hlo.txt"), "w") as f:
+    f.write(hlo)
+  return read_trace(files[-1], hlo, steps)
+
+
+def read_trace(trace_file: str, hlo: str, steps: int) -> dict:
+  """`{'steps', 'rows': [(category, ms_per_step, gflop_per_step, ops_per_step)], 'trace',
+  'occupancy'}` of an `*.xplane.pb` trace of `steps` steps of the program whose HLO is `hlo`."""
+  import jax
   shapes, bodies, lines = _index_hlo(hlo)
   time_ns, flops, count = collections.Counter(), collections.Counter(), collections.Counter()
   spans = []
-  for plane in jax.profiler.ProfileData.from_file(files[-1]).planes:
+  planes = list(jax.profiler.ProfileData.from_file(trace_file).planes)
+  on_gpu = any(p.name.startswith("/device:GPU") for p in planes)
+  for plane in planes:
+    if on_gpu != plane.name.startswith("/device:GPU"):
+      continue  # on a GPU: its kernels only (host threads only launch them)
     for line in plane.lines:
       for event in line.events:
-        if event.name not in lines:  # executor / thread-pool bookkeeping, python frames
+        if on_gpu:
+          category, f = classify_kernel(event.name, shapes, bodies, lines)
+        elif event.name in lines:  # else executor / thread-pool bookkeeping, python frames
+          category, f = classify(event.name, shapes, bodies, lines)
+        else:
           continue
-        category, f = classify(event.name, shapes, bodies, lines)
         time_ns[category] += event.duration_ns
         flops[category] += f
         count[category] += 1
         spans.append((event.start_ns, event.start_ns + event.duration_ns, category))
   rows = [(c, time_ns[c] / 1e6 / steps, flops[c] / 1e9 / steps, count[c] / steps)
           for c in sorted(time_ns, key=time_ns.get, reverse=True)]
-  return {"steps": steps, "rows": rows, "trace": files[-1],
-          "occupancy": occupancy(spans, steps)}
+  return {"steps": steps, "rows": rows, "trace": trace_file, "occupancy": occupancy(spans, steps)}
 
 
 def occupancy(spans: list[tuple[float, float, str]], steps: int) -> dict:
@@ -129,8 +191,8 @@ def occupancy(spans: list[tuple[float, float, str]], steps: int) -> dict:
 def print_profile(result: dict, wall_s: float, top: int = 12) -> None:
   """The per-category table: matmul rows first, then the `top` costliest other ops."""
   rows = result["rows"]
-  matmul = [r for r in rows if r[0].startswith("matmul")]
-  other = [r for r in rows if not r[0].startswith("matmul")]
+  matmul = [r for r in rows if r[0].startswith(("matmul", "attention"))]
+  other = [r for r in rows if not r[0].startswith(("matmul", "attention"))]
   print(f"\nprofile ({result['steps']} traced steps, median step {wall_s:.3f} s; ms summed over "
         f"launching threads): {result['trace']}")
   print(f"{'op kind':44s} {'ms/step':>9s} {'GFLOP':>8s} {'GFLOP/s':>9s} {'ops':>6s}")

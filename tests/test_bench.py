@@ -181,3 +181,42 @@ def test_occupancy_splits_time_by_how_many_ops_run():
   assert occ["one_ms"] == (10 + 6 + 5) / 2 and occ["two_or_more_ms"] == 4 / 2
   assert occ["none_ms"] == 5 / 2
   assert occ["one_by_category_ms"] == {"dot": 5.0, "softmax": 3.0, "transpose": 2.5}
+
+
+def test_profile_reads_gpu_library_calls_and_kernels():
+  """GPU HLO: cuBLAS gemm custom-calls count as dots (dimension numbers from the backend config,
+  tuple-shaped results), cuDNN flash attention is its own row with the kernels' products; GPU
+  kernel names map back to their fusions ('gemm_fusion_dot_2' -> 'gemm_fusion_dot.2')."""
+  from ptuning.bench_profile import _index_hlo, classify, classify_kernel
+  gemm_config = ('"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
+                 '"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],'
+                 '"rhs_batch_dimensions":[]}')
+  hlo = "\n".join([
+      "ENTRY %main (x: bf16[64,32]) -> bf16[64,48] {",
+      "  %x = bf16[64,32]{1,0} parameter(0)",
+      "  %w = bf16[32,48]{1,0} parameter(1)",
+      "  %q = bf16[2,10,4,8]{3,2,1,0} parameter(2)",
+      "  %k = bf16[2,12,4,8]{3,2,1,0} parameter(3)",
+      "  %custom-call.1 = (bf16[64,48]{1,0}, s8[1024]{0}) custom-call(%x, %w), "
+      f'custom_call_target="__cublas$lt$matmul", backend_config={{"gemm_backend_config":{{{gemm_config}}}}}',
+      "  %custom-call.2 = (bf16[2,10,4,8]{3,2,1,0}, f32[2,4,10]{2,1,0}) custom-call(%q, %k, %k), "
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmax", backend_config={}',
+      "  %custom-call.3 = (bf16[2,10,4,8]{3,2,1,0}, bf16[2,12,4,8]{3,2,1,0}) custom-call(%q, %k), "
+      'custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward", backend_config={}',
+      "  ROOT %gemm_fusion_dot.2 = bf16[64,48]{1,0} fusion(%x, %w), kind=kCustom, calls=%body",
+      "}",
+      "%body (a: bf16[64,32], b: bf16[32,48]) -> bf16[64,48] {",
+      "  %a = bf16[64,32]{1,0} parameter(0)",
+      "  %b = bf16[32,48]{1,0} parameter(1)",
+      "  ROOT %dot.1 = bf16[64,48]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+      "}"])
+  index = _index_hlo(hlo)
+  assert classify("custom-call.1", *index) == ("matmul (projections)", 2.0 * 64 * 48 * 32)
+  forward = 4.0 * 2 * 4 * 10 * 12 * 8  # scores and weighted sum, [B, N, T, S] x H
+  assert classify("custom-call.2", *index) == ("attention (cuDNN fused)", forward)
+  assert classify("custom-call.3", *index) == ("attention (cuDNN fused)", 2.5 * forward)
+  assert classify_kernel("gemm_fusion_dot_2", *index) == ("matmul (projections)", 2.0 * 64 * 48 * 32)
+  assert classify_kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", *index)[0] == \
+      "attention (cuDNN fused)"
+  assert classify_kernel("nvjet_sm90_tst_128x160", *index) == ("matmul (cuBLAS)", 0.0)
+  assert classify_kernel("memcpy128", *index) == ("copy: memcpy128", 0.0)

@@ -68,25 +68,28 @@ def batch_of(seed: int = 0) -> dict:
           "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
 
 
+@pytest.mark.parametrize("impl", ["recompute", "cudnn"])
 @pytest.mark.parametrize("method,dropout_rate", [("prompt_tuning", 0.0), ("prompt_tuning", 0.2),
                                                  ("full_finetuning", 0.0)])
-def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dropout_rate):
+def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dropout_rate, impl):
+  """... and so does 'cudnn' (`jax.nn.dot_product_attention`; its XLA implementation here, with
+  the bias cast and masks clipped as for cuDNN; with dropout it takes the recompute path)."""
   exp = build_experiment(config(tmp_path, "plain", method, dropout_rate),
                          devices=jax.devices()[:1])
   batch = batch_of()
   factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
   rng = jax.random.key(3) if dropout_rate else None
   results = {}
-  for impl in ("plain", "recompute"):
-    spec = dataclasses.replace(exp.spec, model=exp.model.replace(attention_impl=impl))
+  for name in ("plain", impl):
+    spec = dataclasses.replace(exp.spec, model=exp.model.replace(attention_impl=name))
     grad_fn = jax.jit(jax.grad(lambda t, f, b, r, w: loss_and_metrics(t, f, b, r, spec, factor, w),
                                has_aux=True))
     grads, metrics = grad_fn(exp.trainable_init, exp.frozen, batch, rng, weights)
     params = param_tree.merge(exp.trainable_init, exp.frozen)
     logits = jax.jit(lambda p, e, d, r: prompted_logits(spec.model, spec.method, p, e, d, r))(
         params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], rng)
-    results[impl] = (np.asarray(logits), float(metrics["loss"]), grads)
-  (logits_p, loss_p, grads_p), (logits_r, loss_r, grads_r) = results["plain"], results["recompute"]
+    results[name] = (np.asarray(logits), float(metrics["loss"]), grads)
+  (logits_p, loss_p, grads_p), (logits_r, loss_r, grads_r) = results["plain"], results[impl]
   np.testing.assert_allclose(logits_r, logits_p, rtol=0, atol=1e-6)
   assert loss_r == pytest.approx(loss_p, rel=1e-6)
   flat_p, flat_r = jax.tree.leaves_with_path(grads_p), jax.tree.leaves(grads_r)

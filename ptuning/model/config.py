@@ -11,7 +11,7 @@ from typing import Any
 
 FEED_FORWARD_KINDS = ("relu", "gated-gelu", "gated-silu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
-ATTENTION_IMPLS = ("recompute", "plain")
+ATTENTION_IMPLS = ("recompute", "plain", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,8 @@ class T5Config:
   scan_layers: bool = False  # stack layers with nn.scan: parameters get a leading 'layers' axis
   remat_policy: str = "none"  # rematerialisation of each layer, see REMAT_POLICIES
   # 'recompute': the backward pass recomputes attention probabilities `[B, H, Q, K]` instead of
-  # keeping every layer's ('plain'); same forward (ptuning/model/layers.py).
+  # keeping every layer's ('plain'); same forward (ptuning/model/layers.py). 'cudnn':
+  # `jax.nn.dot_product_attention`, cuDNN flash attention on GPU in bfloat16/float16 (XLA elsewhere).
   attention_impl: str = "recompute"
 
   def __post_init__(self):

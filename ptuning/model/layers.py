@@ -11,6 +11,7 @@ float32, relative position buckets computed in float32 with truncation.
 Memory: `recomputed_attention` (the default, `T5Config.attention_impl='recompute'`) keeps only
 q, k, v and the shared bias for the backward pass and recomputes the `[B, H, Q, K]` float32
 probabilities there, one call at a time; plain autodiff (`'plain'`) keeps them for every layer.
+`'cudnn'` (`flash_attention.fused_attention`) never writes them out on a GPU: cuDNN flash attention.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptuning.model import mixed_einsum
+from ptuning.model.flash_attention import fused_attention
 
 Array = jax.Array
 P = nn.with_logical_partitioning
@@ -209,7 +211,9 @@ class MultiHeadAttention(nn.Module):
   `decode_position`; cross-attention (`is_cross=True`) stores the projected encoder
   keys/values once, at cache-initialisation time, and reuses them every step.
   `attention_impl` 'recompute' (`recomputed_attention`) or 'plain' (`dot_product_attention`):
-  the same forward, only what the backward pass keeps differs.
+  the same forward, only what the backward pass keeps differs; 'cudnn' (`fused_attention`):
+  flash attention on a GPU, for calls without attention dropout outside cached decoding (the
+  others take 'recompute').
 
   Cross-attention may take `inputs_q [batch * G, q, embed]` against `inputs_kv [batch, k, embed]`
   (and `bias` over `batch`): query rows `i * G ... i * G + G - 1` all attend to key row `i`, as if
@@ -264,8 +268,11 @@ class MultiHeadAttention(nn.Module):
     group = query.shape[0] // key.shape[0]
     if group > 1:  # `group` query rows per key row (see the class docstring): attend as one row
       query = query.reshape((key.shape[0], group * query.shape[1]) + query.shape[2:])
-    attend = recomputed_attention if self.attention_impl == "recompute" else dot_product_attention
-    out = attend(query, key, value, bias, dropout_rng, self.dropout_rate, self.dtype)
+    if self.attention_impl == "cudnn" and dropout_rng is None and not decode:
+      out = fused_attention(query, key, value, bias)
+    else:
+      attend = dot_product_attention if self.attention_impl == "plain" else recomputed_attention
+      out = attend(query, key, value, bias, dropout_rng, self.dropout_rate, self.dtype)
     if group > 1:
       out = out.reshape((key.shape[0] * group, -1) + out.shape[2:])
     out = constrain(out, ("batch", "length", "heads", "kv"))

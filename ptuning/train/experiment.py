@@ -62,6 +62,9 @@ class TrainConfig:
   dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"
+  # 'recompute' | 'plain' | 'cudnn' (flash attention on GPUs, ptuning/model/flash_attention.py);
+  # None keeps the model's (its default: 'recompute').
+  attention_impl: str | None = None
   mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
   # True: every process builds the same global batches, so a run (and its checkpoints) is the
   # same for any process count; False: SeqIO shards the examples over processes (data/batches.py).
@@ -137,8 +140,11 @@ class Experiment:
 
 def _model_overrides(config: TrainConfig) -> dict:
   """Run-level numerics applied on top of the checkpoint's or preset's shapes."""
-  return dict(dropout_rate=config.dropout_rate, dtype=config.dtype,
-              scan_layers=config.scan_layers, remat_policy=config.remat_policy)
+  overrides = dict(dropout_rate=config.dropout_rate, dtype=config.dtype,
+                   scan_layers=config.scan_layers, remat_policy=config.remat_policy)
+  if config.attention_impl is not None:
+    overrides["attention_impl"] = config.attention_impl
+  return overrides
 
 
 @dataclasses.dataclass(frozen=True)

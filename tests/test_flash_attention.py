@@ -1,0 +1,79 @@
+"""`attention_impl='cudnn'` (ptuning/model/flash_attention.py) on CPU: the XLA implementation of
+the same call, T5's conventions, and the switch that drops the bias gradient when nothing
+differentiates the bias (on a GPU, the cuDNN call without its `dbias` kernels;
+benchmarks/gpu_attention_parity.py checks that call against float32 there)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ptuning.model import flash_attention
+from ptuning.model.layers import MASK_VALUE, dot_product_attention
+
+B, T, S, H, D = 2, 6, 10, 3, 8
+
+
+def inputs():
+  keys = jax.random.split(jax.random.key(0), 5)
+  q = jax.random.normal(keys[0], (B, T, H, D))
+  k, v = (jax.random.normal(keys[i], (B, S, H, D)) for i in (1, 2))
+  bias = 2.0 * jax.random.normal(keys[3], (1, H, T, S)) + jnp.where(
+      jnp.arange(S) < jnp.array([[S], [7]]), 0.0, MASK_VALUE)[:, None, None, :]  # [B, H, T, S]
+  return q, k, v, bias, jax.random.normal(keys[4], (B, T, H, D))
+
+
+@pytest.fixture
+def frozen_calls(monkeypatch):
+  calls = []
+  original = flash_attention._frozen_bias
+  monkeypatch.setattr(flash_attention, "_frozen_bias",
+                      lambda impl: calls.append(impl) or original(impl))
+  return calls
+
+
+@pytest.mark.parametrize("bias_gradient", [False, True])
+def test_fused_attention_matches_t5_attention_and_drops_only_an_unused_bias_gradient(
+    frozen_calls, bias_gradient):
+  q, k, v, bias, cotangent = inputs()
+  argnums = (0, 1, 2, 3) if bias_gradient else (0, 1, 2)
+  loss = lambda attend: lambda q, k, v, b: jnp.sum(attend(q, k, v, b) * cotangent)
+  out, grads = jax.value_and_grad(loss(flash_attention.fused_attention), argnums)(q, k, v, bias)
+  ref_out, ref_grads = jax.value_and_grad(loss(dot_product_attention), argnums)(q, k, v, bias)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5)
+  assert len(grads) == len(argnums)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+  if bias_gradient:  # the differentiated bias takes the public call, which returns its gradient
+    assert frozen_calls == [] and float(jnp.abs(grads[3]).max()) > 0
+  else:
+    assert frozen_calls == ["xla"]  # on CPU; on a GPU in bfloat16 this is "cudnn"
+
+
+def test_masked_keys_get_no_weight_in_bfloat16():
+  """Masks are clipped to a finite bfloat16 number: a fully visible row and a padded one both
+  give finite outputs, and the padded keys' values do not leak into them."""
+  q, k, v, bias, _ = inputs()
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  out = flash_attention.fused_attention(q, k, v, bias)
+  leaked = flash_attention.fused_attention(q, k, v.at[1, 7:].set(1e4), bias)
+  assert out.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_array_equal(np.asarray(out[1], np.float32), np.asarray(leaked[1], np.float32))
+
+
+def test_gin_attention_impl_reaches_the_model(tmp_path):
+  """`--gin.ATTENTION_IMPL='cudnn'` (runs/train.gin) sets the backbone's attention; the default
+  keeps 'recompute'; an unknown name fails with the field and the choices."""
+  from ptuning import gin_setup
+  from ptuning.train.experiment import build_experiment
+
+  def model_of(*bindings):
+    config = gin_setup.load_config(
+        ["runs/train.gin", "methods/prompt_tuning.gin", "models/tiny_t5_1_1.gin"],
+        [f"MODEL_DIR = '{tmp_path}'", "PROMPT_LENGTH = 4", *bindings])
+    return build_experiment(config, devices=jax.devices()[:1], abstract=True).model
+
+  assert model_of().attention_impl == "recompute"
+  assert model_of("ATTENTION_IMPL = 'cudnn'").attention_impl == "cudnn"
+  with pytest.raises(ValueError, match=r"attention_impl='flash'.*cudnn"):
+    model_of("ATTENTION_IMPL = 'flash'")
