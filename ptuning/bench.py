@@ -4,7 +4,7 @@ Ours is the experiment's own jitted train step (`build_experiment` with a random
 preset, `PromptTuning(length=P)`, Adafactor), lowered and compiled once and then called on
 `warmup + steps` different random batches `[B, L]` / `[B, T]`, blocking on its outputs each step.
 `--vs peft` first runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with
-the same sizes and batches in a subprocess (`python -m ptuning.bench --_peft_worker SPEC`), so the
+the same sizes and batches in a subprocess (`ptuning/bench_peft.py`), so the
 two processes' peak RSS are measured apart and JAX holds no GPU memory meanwhile. Both are
 scored against one analytic FLOP count (`prompt_tuning_step_flops`) and one peak: measured (a
 large matmul) on CPU, datasheet on GPU.
@@ -263,59 +263,6 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   return {"hardware": hardware, "ours": out}
 
 
-def peft_worker(spec: dict) -> dict:
-  """The PEFT side (runs in its own process): HF T5 + PromptTuningConfig, same sizes/batches."""
-  import peft
-  import torch
-  import transformers
-  from ptuning.checkpoints.hf import t5_config_to_hf_dict
-  from ptuning.model.config import get_preset
-
-  torch.set_num_threads(os.cpu_count())
-  dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-  rss_before = peak_rss_bytes()
-  torch.manual_seed(0)
-  cfg = get_preset(spec["model"]).replace(dropout_rate=0.0)
-  hf_config = transformers.T5Config(**t5_config_to_hf_dict(cfg))
-  model = transformers.T5ForConditionalGeneration(hf_config)
-  if not cfg.tie_embeddings:  # transformers 5 ties lm_head to shared at construction
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
-  model = peft.get_peft_model(model, peft.PromptTuningConfig(
-      task_type="SEQ_2_SEQ_LM", num_virtual_tokens=spec["prompt"], num_transformer_submodules=1))
-  model.to(dev).train()
-  trainable = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(trainable, lr=0.3)
-  autocast = torch.autocast(dev.type, torch.bfloat16, enabled=spec["dtype"] == "bfloat16")
-  batches = [{k: torch.as_tensor(v, dtype=torch.long, device=dev) for k, v in b.items()}
-             for b in random_batches(spec["warmup"] + spec["steps"], spec["batch"],
-                                     spec["inputs"], spec["targets"], cfg.vocab_size)]
-  losses = []
-  build_rss = peak_rss_bytes()
-  steps_rss = reset_peak_rss()
-
-  def step(b):
-    optimizer.zero_grad(set_to_none=True)
-    with autocast:
-      loss = model(input_ids=b["encoder_input_tokens"], attention_mask=torch.ones_like(
-          b["encoder_input_tokens"]), decoder_input_ids=b["decoder_input_tokens"],
-                   labels=b["decoder_target_tokens"]).loss
-    loss.backward()
-    optimizer.step()
-    losses.append(loss.item())  # synchronises on GPU
-
-  times = time_steps(step, batches, spec["warmup"])
-  flops = prompt_tuning_step_flops(cfg, spec["batch"], spec["inputs"], spec["targets"],
-                                   spec["prompt"])
-  out = _summary(times, flops, spec)
-  out.update(torch=torch.__version__, transformers=transformers.__version__,
-             peft=peft.__version__, threads=torch.get_num_threads(), device=str(dev),
-             trainable_params=sum(p.numel() for p in trainable), rss_before_build=rss_before,
-             peak_rss=max(build_rss, peak_rss_bytes()),
-             steps_peak_rss=peak_rss_bytes() if steps_rss else None, loss=losses[-1],
-             device_peak_bytes=torch.cuda.max_memory_allocated() if dev.type == "cuda" else None)
-  return out
-
-
 def run_worker(module: str, flag: str, spec: dict) -> dict:
   """`python -m MODULE FLAG SPEC` in a fresh Python process; its last stdout line is the JSON
   result (used for every peer and helper process of the benches)."""
@@ -330,8 +277,8 @@ def run_worker(module: str, flag: str, spec: dict) -> dict:
 
 
 def run_peft(spec: dict) -> dict:
-  """`peft_worker(spec)` in a fresh Python process."""
-  return run_worker("ptuning.bench", "--_peft_worker", spec)
+  """`bench_peft.peft_worker(spec)` in a fresh Python process."""
+  return run_worker("ptuning.bench_peft", "--_peft_worker", spec)
 
 
 def _gib(n: int | None) -> str:
@@ -448,10 +395,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   bench_inference.add_arguments(p)
 
 
-if __name__ == "__main__":
-  if len(sys.argv) == 3 and sys.argv[1] == "--_peft_worker":
-    print(json.dumps(peft_worker(json.loads(sys.argv[2]))))
-  else:
-    parser = argparse.ArgumentParser(prog="python -m ptuning.bench")
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+if __name__ == "__main__":  # `ptuning bench` without the gin-aware CLI (e.g. on a bare GPU image)
+  parser = argparse.ArgumentParser(prog="python -m ptuning.bench")
+  add_arguments(parser)
+  sys.exit(run(parser.parse_args()))

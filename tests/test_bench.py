@@ -220,3 +220,24 @@ def test_profile_reads_gpu_library_calls_and_kernels():
       "attention (cuDNN fused)"
   assert classify_kernel("nvjet_sm90_tst_128x160", *index) == ("matmul (cuBLAS)", 0.0)
   assert classify_kernel("memcpy128", *index) == ("copy: memcpy128", 0.0)
+
+
+def test_a_failed_peer_is_reported_and_ours_still_measured(tmp_path, capsys, monkeypatch):
+  """`--vs peft` whose worker fails (out of GPU memory, say): the error is printed and saved, and
+  our step is still timed and written."""
+  from ptuning import bench
+  from ptuning.cli import main
+
+  def failing_peer(spec):
+    raise RuntimeError("--_peft_worker worker failed (1):\ntorch.OutOfMemoryError: CUDA out of memory")
+
+  monkeypatch.setattr(bench, "run_peft", failing_peer)
+  out_json = tmp_path / "bench.json"
+  assert main(["bench", "--model", "tiny_t5_1_1", "--batch", "8", "--inputs", "8", "--targets",
+               "4", "--prompt", "2", "--steps", "1", "--warmup", "1", "--vs", "peft",
+               "--json", str(out_json)]) == 0
+  output = capsys.readouterr().out
+  assert "peft: FAILED" in output and "CUDA out of memory" in output
+  result = json.loads(out_json.read_text())
+  assert result["peft"] is None and result["speedup_vs_peft"] is None
+  assert "OutOfMemoryError" in result["peft_error"] and result["ours"]["step_s_median"] > 0
