@@ -77,3 +77,10 @@ def test_gin_attention_impl_reaches_the_model(tmp_path):
   assert model_of("ATTENTION_IMPL = 'cudnn'").attention_impl == "cudnn"
   with pytest.raises(ValueError, match=r"attention_impl='flash'.*cudnn"):
     model_of("ATTENTION_IMPL = 'flash'")
+
+
+def test_the_pinned_jax_has_the_cudnn_primitive_we_call_without_a_bias_gradient():
+  """The GPU path calls JAX's own cuDNN primitive by position; with the pinned JAX its parameters
+  are the ones we pass (a JAX that changes them falls back to the public call, with a warning)."""
+  assert flash_attention.private_cudnn_call_matches()
+  assert flash_attention._frozen_bias("cudnn") is flash_attention._cudnn_without_bias_gradient

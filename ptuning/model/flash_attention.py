@@ -17,6 +17,8 @@ tests check the conventions and the bias-gradient switch.
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -52,16 +54,33 @@ def _cudnn_without_bias_gradient(query: Array, key: Array, value: Array, bias: A
       sdpa.check_cudnn_version(), False)
 
 
+# The parameters of JAX's cuDNN primitive that `_cudnn_without_bias_gradient` passes by position
+# (jax 0.10 and 0.11); another JAX falls back to the public call, with the bias gradient.
+PRIVATE_CUDNN_PARAMETERS = (
+    "query", "key", "value", "bias", "q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets",
+    "page_table_k", "page_table_v", "scale", "seed", "dropout_rate", "variadic_args", "mask_type",
+    "layout", "sliding_window_length", "cudnn_version", "return_residual")
+
+
+def private_cudnn_call_matches() -> bool:
+  """Whether this JAX's cuDNN primitive takes the arguments `_cudnn_without_bias_gradient` gives."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as sdpa
+  except ImportError:
+    return False
+  fun = getattr(getattr(sdpa, "_dot_product_attention", None), "fun", None)
+  return (fun is not None and hasattr(sdpa, "AttentionLayout") and hasattr(sdpa, "MaskType")
+          and tuple(inspect.signature(fun).parameters) == PRIVATE_CUDNN_PARAMETERS)
+
+
 def _frozen_bias(implementation: str):
   """`(q, k, v, bias) -> out` for a bias that gets no gradient: the cuDNN call without one on a
-  GPU (the public one if this JAX lacks that primitive), the XLA call elsewhere."""
+  GPU (the public one, with a warning, if this JAX's primitive differs), the XLA call elsewhere."""
   if implementation == "cudnn":
-    try:
-      from jax._src.cudnn import fused_attention_stablehlo as sdpa
-      if hasattr(sdpa, "_dot_product_attention") and hasattr(sdpa, "AttentionLayout"):
-        return _cudnn_without_bias_gradient
-    except ImportError:
-      pass
+    if private_cudnn_call_matches():
+      return _cudnn_without_bias_gradient
+    warnings.warn("jax's cuDNN attention primitive changed: the frozen T5 bias gets a gradient "
+                  "computed and dropped (slower; see ptuning/model/flash_attention.py)")
   return _public(implementation)
 
 
