@@ -63,7 +63,8 @@ def test_masked_keys_get_no_weight_in_bfloat16():
 
 def test_gin_attention_impl_reaches_the_model(tmp_path):
   """`--gin.ATTENTION_IMPL='cudnn'` (runs/train.gin) sets the backbone's attention; the default
-  keeps 'recompute'; an unknown name fails with the field and the choices."""
+  keeps 'recompute'; an unknown name fails with the field and the choices, and so does 'cudnn'
+  with dropout."""
   from ptuning import gin_setup
   from ptuning.train.experiment import build_experiment
 
@@ -74,9 +75,12 @@ def test_gin_attention_impl_reaches_the_model(tmp_path):
     return build_experiment(config, devices=jax.devices()[:1], abstract=True).model
 
   assert model_of().attention_impl == "recompute"
-  assert model_of("ATTENTION_IMPL = 'cudnn'").attention_impl == "cudnn"
+  assert model_of("ATTENTION_IMPL = 'cudnn'", "DROPOUT_RATE = 0.0").attention_impl == "cudnn"
   with pytest.raises(ValueError, match=r"attention_impl='flash'.*cudnn"):
     model_of("ATTENTION_IMPL = 'flash'")
+  # runs/train.gin's dropout (0.1) would be silently lost to flash attention: refused instead.
+  with pytest.raises(ValueError, match=r"'cudnn'.*no dropout.*dropout_rate=0.1.*DROPOUT_RATE"):
+    model_of("ATTENTION_IMPL = 'cudnn'")
 
 
 def test_the_pinned_jax_has_the_cudnn_primitive_we_call_without_a_bias_gradient():

@@ -43,7 +43,8 @@ class T5Config:
   remat_policy: str = "none"  # rematerialisation of each layer, see REMAT_POLICIES
   # 'recompute': the backward pass recomputes attention probabilities `[B, H, Q, K]` instead of
   # keeping every layer's ('plain'); same forward (ptuning/model/layers.py). 'cudnn':
-  # `jax.nn.dot_product_attention`, cuDNN flash attention on GPU in bfloat16/float16 (XLA elsewhere).
+  # `jax.nn.dot_product_attention`, cuDNN flash attention on GPU in bfloat16/float16 (XLA elsewhere);
+  # it has no attention dropout, so it needs dropout_rate == 0.
   attention_impl: str = "recompute"
 
   def __post_init__(self):
@@ -53,6 +54,11 @@ class T5Config:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+    if self.attention_impl == "cudnn" and self.dropout_rate > 0:
+      raise ValueError(
+          f"attention_impl='cudnn' (flash attention) has no dropout of the attention weights, but "
+          f"dropout_rate={self.dropout_rate}: set dropout_rate=0 (gin DROPOUT_RATE = 0.0) or use "
+          f"attention_impl='recompute'")
 
   @property
   def gated(self) -> bool:

@@ -212,8 +212,8 @@ class MultiHeadAttention(nn.Module):
   keys/values once, at cache-initialisation time, and reuses them every step.
   `attention_impl` 'recompute' (`recomputed_attention`) or 'plain' (`dot_product_attention`):
   the same forward, only what the backward pass keeps differs; 'cudnn' (`fused_attention`):
-  flash attention on a GPU, for calls without attention dropout outside cached decoding (the
-  others take 'recompute').
+  flash attention on a GPU (no dropout: `T5Config` refuses it with `dropout_rate > 0`), except
+  in cached decoding, which takes 'recompute' (one query row per step).
 
   Cross-attention may take `inputs_q [batch * G, q, embed]` against `inputs_kv [batch, k, embed]`
   (and `bias` over `batch`): query rows `i * G ... i * G + G - 1` all attend to key row `i`, as if
@@ -268,7 +268,7 @@ class MultiHeadAttention(nn.Module):
     group = query.shape[0] // key.shape[0]
     if group > 1:  # `group` query rows per key row (see the class docstring): attend as one row
       query = query.reshape((key.shape[0], group * query.shape[1]) + query.shape[2:])
-    if self.attention_impl == "cudnn" and dropout_rng is None and not decode:
+    if self.attention_impl == "cudnn" and not decode:
       out = fused_attention(query, key, value, bias)
     else:
       attend = dot_product_attention if self.attention_impl == "plain" else recomputed_attention
