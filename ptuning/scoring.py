@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 import tempfile
-from typing import Any, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Hashable, Iterable, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -60,26 +60,59 @@ def _pad(rows: list[list[int]], batch: int) -> np.ndarray:
   return out
 
 
+# Candidate groups of different sizes are padded to the largest with empty rows (decoder work
+# only, the encoder runs once per input either way) while that at most doubles the rows.
+MAX_GROUP_PADDING = 2.0
+
+
+def _runs(keys: Sequence[Hashable]) -> list[int]:
+  """Lengths of the runs of consecutive equal keys."""
+  return [sum(1 for _ in run) for _, run in itertools.groupby(keys)]
+
+
 def candidate_group_size(keys: Sequence[Hashable]) -> int:
-  """G when `keys` come in consecutive runs of exactly G equal keys, else 1: G > 1 means rows
-  that are G candidates of one input (as rank classification writes them), which can share
-  one encoding."""
-  sizes = {sum(1 for _ in run) for _, run in itertools.groupby(keys)}
-  return sizes.pop() if len(sizes) == 1 else 1
+  """G > 1 when `keys` come in consecutive runs of equal keys (rows that are candidates of one
+  input, as rank classification writes them), which then share one encoding: the longest run,
+  the others padded to it, as long as padding at most doubles the rows
+  (`MAX_GROUP_PADDING`); else 1 (every row on its own)."""
+  runs = _runs(keys)
+  group = max(runs, default=1)
+  return group if group > 1 and group * len(runs) <= MAX_GROUP_PADDING * len(keys) else 1
 
 
-def candidate_batches(keys: Sequence[Hashable], batch_size: int
-                      ) -> Iterator[tuple[slice, slice, int, int]]:
-  """Batches of whole candidate groups of rows keyed by their input (`candidate_group_size`:
-  G): `(rows, one_row_per_input, inputs_per_batch, rows_per_batch)`, the two slices into the
-  rows and the padded batch sizes, the same for every batch (`batch_size // G` inputs and
-  their G candidates each) so that one compilation serves them all."""
+class CandidateBatch(NamedTuple):
+  """One call's rows: `inputs` (a row index per input, its first candidate), `targets` (G slots
+  per input, each a row index or -1 for a padding slot whose score is dropped), and the padded
+  batch sizes `num_inputs` and `num_rows = num_inputs * G`, the same for every batch."""
+  inputs: list[int]
+  targets: list[int]
+  num_inputs: int
+  num_rows: int
+
+
+def candidate_batches(keys: Sequence[Hashable], batch_size: int) -> Iterator[CandidateBatch]:
+  """Batches of whole candidate groups of rows keyed by their input (`candidate_group_size`: G):
+  `batch_size // G` inputs and their candidates each, every group padded to G slots, so that one
+  compilation serves every batch."""
   group = candidate_group_size(keys)
+  runs = _runs(keys) if group > 1 else [1] * len(keys)
+  starts = list(itertools.accumulate([0] + runs[:-1]))
   inputs_per_batch = max(1, batch_size // group)
-  rows_per_batch = inputs_per_batch * group
-  for start in range(0, len(keys), rows_per_batch):
-    stop = min(start + rows_per_batch, len(keys))
-    yield slice(start, stop), slice(start, stop, group), inputs_per_batch, rows_per_batch
+  for first in range(0, len(runs), inputs_per_batch):
+    chosen = range(first, min(first + inputs_per_batch, len(runs)))
+    targets = [starts[g] + i if i < runs[g] else -1 for g in chosen for i in range(group)]
+    yield CandidateBatch([starts[g] for g in chosen], targets, inputs_per_batch,
+                         inputs_per_batch * group)
+
+
+def scatter_scores(batches: Iterable[tuple[CandidateBatch, np.ndarray]], num_rows: int
+                   ) -> np.ndarray:
+  """Each batch's slot scores `[num_rows of the batch]` back to their rows `[num_rows]`."""
+  out = np.full(num_rows, np.nan, np.float32)
+  for batch, scores in batches:
+    slots = [i for i, row in enumerate(batch.targets) if row >= 0]
+    out[[batch.targets[i] for i in slots]] = np.asarray(scores)[slots]
+  return out
 
 
 def make_score_fn(cfg: T5Config):
@@ -97,16 +130,16 @@ def make_score_fn(cfg: T5Config):
 def score_token_ids(cfg: T5Config, params: Any, inputs: list[list[int]], targets: list[list[int]],
                     batch_size: int = 16) -> np.ndarray:
   """Scores of tokenised examples `[num_examples]` (float32). Consecutive examples with the same
-  input, G of them for every input (`candidate_group_size`), share one encoding: each call
-  scores `batch_size // G` inputs' candidates."""
+  input (`candidate_group_size`: G) share one encoding: each call scores `batch_size // G`
+  inputs' candidates."""
   score = make_score_fn(cfg)
-  scores = []
-  for rows, per_input, n_inputs, n_rows in candidate_batches([tuple(r) for r in inputs],
-                                                             batch_size):
-    rows_tgt = targets[rows]
-    result = score(params, _pad(inputs[per_input], n_inputs), _pad(rows_tgt, n_rows))
-    scores.extend(np.asarray(result)[:len(rows_tgt)].tolist())
-  return np.asarray(scores, np.float32)
+
+  def run(batch: CandidateBatch):
+    rows_tgt = [targets[r] if r >= 0 else [] for r in batch.targets]
+    return batch, score(params, _pad([inputs[r] for r in batch.inputs], batch.num_inputs),
+                        _pad(rows_tgt, batch.num_rows))
+  return scatter_scores(map(run, candidate_batches([tuple(r) for r in inputs], batch_size)),
+                        len(inputs))
 
 
 def write_jsonl_atomically(path: str, rows: Iterable[dict[str, Any]]) -> None:

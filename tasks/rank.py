@@ -106,8 +106,9 @@ def _pad(rows: Sequence[np.ndarray], batch: int, length: int) -> np.ndarray:
 
 
 def candidates_per_input(examples: Sequence[Mapping[str, Any]]) -> int:
-  """G when the rows come in consecutive runs of G with the same `inputs` (a rank task's label
-  rows of one example), else 1 (`ptuning.scoring.candidate_group_size`)."""
+  """G when the rows come in consecutive runs with the same `inputs` (a rank task's label rows
+  of one example; runs of different lengths padded to the longest), else 1
+  (`ptuning.scoring.candidate_group_size`)."""
   from ptuning.scoring import candidate_group_size  # jax/flax only when scoring.
   return candidate_group_size(_input_keys(examples))
 
@@ -121,23 +122,23 @@ def score_examples(examples: Sequence[Mapping[str, Any]], logits_fn: LogitsFn,
   """Summed log p(targets | inputs) `[num_examples]` of tokenised examples.
 
   `logits_fn` is a `LogitsFn`; for a trained run `ptuning.train.evaluation.make_logits_fn(exp,
-  params)` (its method and mode token, as in training). Rows that come as G candidates of one
-  input (`candidates_per_input`) are scored with that input encoded once: each call passes
-  `batch_size // G` inputs and their `G` candidates each. The last batch is padded with empty
-  rows, whose scores are dropped.
+  params)` (its method and mode token, as in training). Rows that come as candidates of one
+  input (`candidates_per_input`: G) are scored with that input encoded once: each call passes
+  `batch_size // G` inputs and G candidate slots each. Padding slots (smaller groups, the last
+  batch) are empty rows whose scores are dropped.
   """
   from ptuning.model import decoding  # jax/flax only when scoring.
-  from ptuning.scoring import candidate_batches
+  from ptuning.scoring import candidate_batches, scatter_scores
 
-  scores = []
-  for rows, per_input, n_inputs, n_rows in candidate_batches(_input_keys(examples), batch_size):
-    chunk = examples[rows]
-    inputs = _pad([ex["inputs"] for ex in examples[per_input]], n_inputs,
+  def run(batch):
+    inputs = _pad([examples[r]["inputs"] for r in batch.inputs], batch.num_inputs,
                   task_feature_lengths["inputs"])
-    targets = _pad([ex["targets"] for ex in chunk], n_rows, task_feature_lengths["targets"])
+    targets = _pad([examples[r]["targets"] if r >= 0 else np.zeros(0, np.int32)
+                    for r in batch.targets], batch.num_rows, task_feature_lengths["targets"])
     logits = logits_fn(inputs, decoding.shift_right(targets))
-    scores.extend(np.asarray(decoding.sequence_log_likelihood(logits, targets))[:len(chunk)])
-  return np.asarray(scores, np.float32)
+    return batch, np.asarray(decoding.sequence_log_likelihood(logits, targets))
+  return scatter_scores(map(run, candidate_batches(_input_keys(examples), batch_size)),
+                        len(examples))
 
 
 def evaluate_rank_task(task_name: str, split: str, task_feature_lengths: Mapping[str, int],

@@ -124,8 +124,9 @@ def test_score_command_encodes_each_input_once_for_its_candidates(tmp_path, monk
   from ptuning.model import build
   from ptuning.model.config import get_preset
   assert scoring.candidate_group_size([1, 1, 2, 2, 3, 3]) == 2
-  assert scoring.candidate_group_size([1, 1, 2, 3, 3]) == 1
+  assert scoring.candidate_group_size([1, 1, 2, 3, 3]) == 2  # the run of 1 is padded to 2
   assert scoring.candidate_group_size([1, 2, 1]) == 1
+  assert scoring.candidate_group_size([7] * 10 + [1, 2, 3, 4, 5, 6]) == 1  # 70 slots for 16 rows
   cfg = get_preset("tiny_t5_1_1")
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
   params = build.init_params(cfg, jax.random.key(0), mesh)
@@ -147,3 +148,32 @@ def test_score_command_encodes_each_input_once_for_its_candidates(tmp_path, monk
                 for x, t in zip(rows_in, rows_tgt)]
   np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
   assert len(set(np.round(grouped, 3))) > 5
+
+
+def test_score_command_pads_candidate_groups_of_different_sizes(tmp_path, monkeypatch):
+  """Inputs with 3, 1 and 2 candidates: each input encoded once, groups padded to 3 slots, and
+  every line scored as on its own (padding slots dropped, order kept)."""
+  from ptuning import scoring, sharding
+  from ptuning.model import build
+  from ptuning.model.config import get_preset
+  cfg = get_preset("tiny_t5_1_1")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
+  params = build.init_params(cfg, jax.random.key(0), mesh)
+  rng = np.random.default_rng(1)
+  sizes = (3, 1, 2, 2, 3)
+  inputs = [rng.integers(2, 500, n).tolist() + [1] for n in (5, 9, 3, 7, 4)]
+  rows_in = [x for x, n in zip(inputs, sizes) for _ in range(n)]
+  rows_tgt = [rng.integers(2, 500, int(n)).tolist() + [1] for n in rng.integers(1, 4, len(rows_in))]
+  calls = []
+  real = scoring.make_score_fn
+
+  def recording(cfg):
+    fn = real(cfg)
+    return lambda p, x, t: calls.append((x.shape[0], t.shape[0])) or fn(p, x, t)
+  monkeypatch.setattr(scoring, "make_score_fn", recording)
+  grouped = scoring.score_token_ids(cfg, params, rows_in, rows_tgt, batch_size=6)
+  assert calls == [(2, 6)] * 3  # 5 inputs, 2 per call, 3 slots each
+  one_by_one = [scoring.score_token_ids(cfg, params, [x], [t], batch_size=1)[0]
+                for x, t in zip(rows_in, rows_tgt)]
+  np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
+  assert not np.isnan(grouped).any() and len(set(np.round(grouped, 3))) > 5

@@ -229,5 +229,11 @@ def test_rank_rows_share_one_encoding_and_score_as_row_by_row(names):
   one_by_one = rank.score_examples(examples, repeated_inputs_fn, LENGTHS, batch_size=6)
   np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
   assert len(set(np.round(grouped, 3))) > 3  # the scores differ between rows
-  mixed = list(examples[:3]) + list(examples[4:7])  # a run of 2 and ...: not uniform
-  assert rank.candidates_per_input(mixed) == 1
+  # Runs of 3, 2 and 1 rows: padded to 3 slots each, scored as row by row, in order.
+  mixed = list(examples[:3]) + list(examples[4:7])
+  assert rank.candidates_per_input(mixed) == 3
+  seen.clear()
+  np.testing.assert_allclose(rank.score_examples(mixed, logits_fn, LENGTHS, batch_size=6),
+                             np.concatenate([one_by_one[:3], one_by_one[4:7]]), rtol=1e-5,
+                             atol=1e-5)
+  assert seen == [(2, 6), (2, 6)]
