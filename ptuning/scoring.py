@@ -75,9 +75,12 @@ def candidate_group_size(keys: Sequence[Hashable]) -> int:
   input, as rank classification writes them), which then share one encoding: the longest run,
   the others padded to it, as long as padding at most doubles the rows
   (`MAX_GROUP_PADDING`); else 1 (every row on its own)."""
-  runs = _runs(keys)
+  return _group_size(_runs(keys))
+
+
+def _group_size(runs: list[int]) -> int:
   group = max(runs, default=1)
-  return group if group > 1 and group * len(runs) <= MAX_GROUP_PADDING * len(keys) else 1
+  return group if group > 1 and group * len(runs) <= MAX_GROUP_PADDING * sum(runs) else 1
 
 
 class CandidateBatch(NamedTuple):
@@ -94,8 +97,10 @@ def candidate_batches(keys: Sequence[Hashable], batch_size: int) -> Iterator[Can
   """Batches of whole candidate groups of rows keyed by their input (`candidate_group_size`: G):
   `batch_size // G` inputs and their candidates each, every group padded to G slots, so that one
   compilation serves every batch."""
-  group = candidate_group_size(keys)
-  runs = _runs(keys) if group > 1 else [1] * len(keys)
+  runs = _runs(keys)
+  group = _group_size(runs)
+  if group == 1:
+    runs = [1] * len(keys)
   starts = list(itertools.accumulate([0] + runs[:-1]))
   inputs_per_batch = max(1, batch_size // group)
   for first in range(0, len(runs), inputs_per_batch):

@@ -117,24 +117,15 @@ def test_info_command_reports_count_and_bytes_per_device():
   assert 11_135_332_352 * 4 / 4 <= per_device * 1.01 and per_device < 11_135_332_352 * 4 / 3.9
 
 
-def test_score_command_encodes_each_input_once_for_its_candidates(tmp_path, monkeypatch):
-  """Lines that come as G candidates of one input are scored with that input encoded once per
-  call (batch_size // G inputs, G candidates each), with the same scores as line by line."""
+def _score_grouped_and_line_by_line(rows_in, rows_tgt, monkeypatch):
+  """(scores of `score_token_ids` with batch 6, the (inputs, rows) batch shapes of its calls,
+  each line scored on its own) on a random tiny T5 1.1."""
   from ptuning import scoring, sharding
   from ptuning.model import build
   from ptuning.model.config import get_preset
-  assert scoring.candidate_group_size([1, 1, 2, 2, 3, 3]) == 2
-  assert scoring.candidate_group_size([1, 1, 2, 3, 3]) == 2  # the run of 1 is padded to 2
-  assert scoring.candidate_group_size([1, 2, 1]) == 1
-  assert scoring.candidate_group_size([7] * 10 + [1, 2, 3, 4, 5, 6]) == 1  # 70 slots for 16 rows
   cfg = get_preset("tiny_t5_1_1")
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
   params = build.init_params(cfg, jax.random.key(0), mesh)
-  rng = np.random.default_rng(0)
-  inputs = [rng.integers(2, 500, n).tolist() + [1] for n in (5, 9, 3, 7, 4)]
-  candidates = [[rng.integers(2, 500, n).tolist() + [1] for n in (1, 3, 2)] for _ in inputs]
-  rows_in = [row for row in inputs for _ in range(3)]
-  rows_tgt = [c for per_input in candidates for c in per_input]
   calls = []
   real = scoring.make_score_fn
 
@@ -143,9 +134,27 @@ def test_score_command_encodes_each_input_once_for_its_candidates(tmp_path, monk
     return lambda p, x, t: calls.append((x.shape[0], t.shape[0])) or fn(p, x, t)
   monkeypatch.setattr(scoring, "make_score_fn", recording)
   grouped = scoring.score_token_ids(cfg, params, rows_in, rows_tgt, batch_size=6)
-  assert calls == [(2, 6)] * 3  # 5 inputs x 3 candidates, 2 inputs per call
+  grouped_calls = list(calls)
   one_by_one = [scoring.score_token_ids(cfg, params, [x], [t], batch_size=1)[0]
                 for x, t in zip(rows_in, rows_tgt)]
+  return grouped, grouped_calls, one_by_one
+
+
+def test_score_command_encodes_each_input_once_for_its_candidates(tmp_path, monkeypatch):
+  """Lines that come as G candidates of one input are scored with that input encoded once per
+  call (batch_size // G inputs, G candidates each), with the same scores as line by line."""
+  from ptuning import scoring
+  assert scoring.candidate_group_size([1, 1, 2, 2, 3, 3]) == 2
+  assert scoring.candidate_group_size([1, 1, 2, 3, 3]) == 2  # the run of 1 is padded to 2
+  assert scoring.candidate_group_size([1, 2, 1]) == 1
+  assert scoring.candidate_group_size([7] * 10 + [1, 2, 3, 4, 5, 6]) == 1  # 70 slots for 16 rows
+  rng = np.random.default_rng(0)
+  inputs = [rng.integers(2, 500, n).tolist() + [1] for n in (5, 9, 3, 7, 4)]
+  candidates = [[rng.integers(2, 500, n).tolist() + [1] for n in (1, 3, 2)] for _ in inputs]
+  rows_in = [row for row in inputs for _ in range(3)]
+  rows_tgt = [c for per_input in candidates for c in per_input]
+  grouped, calls, one_by_one = _score_grouped_and_line_by_line(rows_in, rows_tgt, monkeypatch)
+  assert calls == [(2, 6)] * 3  # 5 inputs x 3 candidates, 2 inputs per call
   np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
   assert len(set(np.round(grouped, 3))) > 5
 
@@ -153,27 +162,12 @@ def test_score_command_encodes_each_input_once_for_its_candidates(tmp_path, monk
 def test_score_command_pads_candidate_groups_of_different_sizes(tmp_path, monkeypatch):
   """Inputs with 3, 1 and 2 candidates: each input encoded once, groups padded to 3 slots, and
   every line scored as on its own (padding slots dropped, order kept)."""
-  from ptuning import scoring, sharding
-  from ptuning.model import build
-  from ptuning.model.config import get_preset
-  cfg = get_preset("tiny_t5_1_1")
-  mesh = sharding.make_mesh(sharding.MeshConfig(data=1, model=1), jax.devices()[:1])
-  params = build.init_params(cfg, jax.random.key(0), mesh)
   rng = np.random.default_rng(1)
   sizes = (3, 1, 2, 2, 3)
   inputs = [rng.integers(2, 500, n).tolist() + [1] for n in (5, 9, 3, 7, 4)]
   rows_in = [x for x, n in zip(inputs, sizes) for _ in range(n)]
   rows_tgt = [rng.integers(2, 500, int(n)).tolist() + [1] for n in rng.integers(1, 4, len(rows_in))]
-  calls = []
-  real = scoring.make_score_fn
-
-  def recording(cfg):
-    fn = real(cfg)
-    return lambda p, x, t: calls.append((x.shape[0], t.shape[0])) or fn(p, x, t)
-  monkeypatch.setattr(scoring, "make_score_fn", recording)
-  grouped = scoring.score_token_ids(cfg, params, rows_in, rows_tgt, batch_size=6)
+  grouped, calls, one_by_one = _score_grouped_and_line_by_line(rows_in, rows_tgt, monkeypatch)
   assert calls == [(2, 6)] * 3  # 5 inputs, 2 per call, 3 slots each
-  one_by_one = [scoring.score_token_ids(cfg, params, [x], [t], batch_size=1)[0]
-                for x, t in zip(rows_in, rows_tgt)]
   np.testing.assert_allclose(grouped, one_by_one, rtol=1e-5, atol=1e-5)
   assert not np.isnan(grouped).any() and len(set(np.round(grouped, 3))) > 5
