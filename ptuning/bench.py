@@ -1,18 +1,20 @@
 """`ptuning bench`: time one prompt-tuning train step, optionally against HF PEFT in PyTorch.
 
-Ours is the experiment's own jitted train step (`build_experiment` with a random backbone from a
-preset, `PromptTuning(length=P)`, Adafactor), lowered and compiled once and then called on
-`warmup + steps` different random batches `[B, L]` / `[B, T]`, blocking on its outputs each step.
-`--vs peft` first runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with
+Ours is the experiment's own jitted train step (`bench_step.CompiledStep`: `build_experiment`
+with a random backbone from a preset, `PromptTuning(length=P)` or `--method`, Adafactor), lowered
+and compiled once and then called on `warmup + steps` different random batches `[B, L]` /
+`[B, T]`, blocking on its outputs each step. `--vs peft` first runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with
 the same sizes and batches in a subprocess (`ptuning/bench_peft.py`), so the
 two processes' peak RSS are measured apart and JAX holds no GPU memory meanwhile. Both are
 scored against one analytic FLOP count (`prompt_tuning_step_flops`) and one peak: measured (a
 large matmul) on CPU, datasheet on GPU.
 
 `--mode decode|score` (greedy decoding and rank scoring against transformers) is
-`ptuning.bench_inference`; `run` dispatches there.
+`ptuning.bench_inference`, and `--vs METHOD` (two of our methods side by side) is
+`ptuning.bench_methods`; `run` dispatches there.
 
-This module imports only the standard library at the top, so the PEFT worker never loads JAX.
+This module imports only the standard library at the top (and `bench_step`, which does too), so
+the PEFT worker never loads JAX.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable
+
+from ptuning.bench_step import METHODS, step_flops
 
 # Datasheet dense peaks, FLOP/s, by (device-kind substring, dtype); first match wins.
 GPU_PEAKS = (("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
@@ -158,108 +161,38 @@ def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
           f"measured: best {PEAK_MATMUL}^3 {dt} jnp.dot on {os.cpu_count()} cores")
 
 
-METHODS = ("prompt_tuning", "dept", "ept", "deep_prompt", "prompt_bank", "mpt", "promot_stage2",
-           "full_finetuning")
-BANK_TASKS = 8  # prompt_bank / mpt rows: 8 tasks, each batch mixes them (random task ids)
-# ProMoT stage 2 fine-tunes the backbone with the stage-1 prompt attached and frozen.
-TRAINABLE_OVERRIDES = {"promot_stage2": r"^backbone/"}
-
-
-def make_method(name: str, prompt: int, inputs: int):
-  """The method a bench row runs (None: full fine-tuning) and its encoder prefix length.
-
-  DePT / EPT use their papers' T5-base budget (m=60 / 40, r=30, s=inputs: 76,800 trainable
-  parameters at d=768, equal to a 100-token prompt); deep prompts use `prompt` rows per layer.
-  """
-  from ptuning.prompts.deep import DeepPrompt
-  from ptuning.prompts.dept import DePT
-  from ptuning.prompts.ept import EPT
-  from ptuning.prompts.multitask import MPT, PromptBank
-  from ptuning.prompts.vanilla import PromptTuning
-  table = {"prompt_tuning": lambda: PromptTuning(length=prompt),
-           "dept": lambda: DePT(max_length=inputs), "ept": lambda: EPT(max_length=inputs),
-           "deep_prompt": lambda: DeepPrompt(length=prompt),
-           "prompt_bank": lambda: PromptBank(num_tasks=BANK_TASKS, length=prompt),
-           "mpt": lambda: MPT(num_tasks=BANK_TASKS, length=prompt),
-           "promot_stage2": lambda: PromptTuning(length=prompt), "full_finetuning": lambda: None}
-  if name not in table:
-    raise SystemExit(f"unknown --method {name!r}; choose from {METHODS}")
-  method = table[name]()
-  return method, (method.length if method is not None else 0)
-
-
-def step_flops(cfg, spec: dict) -> dict:
-  """Analytic FLOPs of the method's step: frozen backbone (input gradients only), or, for full
-  fine-tuning, weight gradients too (backward = 2x forward)."""
-  _, prefix = make_method(spec["method"], spec["prompt"], spec["inputs"])
-  flops = prompt_tuning_step_flops(cfg, spec["batch"], spec["inputs"], spec["targets"], prefix)
-  if spec["method"] in ("full_finetuning", "promot_stage2"):
-    flops = dict(forward=flops["forward"], backward=2 * flops["forward"],
-                 total=3 * flops["forward"])
-  return flops
+def hardware_info(dtype: str) -> dict:
+  """JAX version and backend, device kind and count, CPU model and cores, and the peak FLOP/s the
+  fractions are taken of (`_peak_flops`) with where it comes from."""
+  import jax
+  device = jax.devices()[0]
+  peak, peak_source = _peak_flops(jax, dtype)
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "device_kind": device.device_kind, "devices": jax.device_count(),
+          "cpu": cpu_model_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+          "peak_flops": peak, "peak_source": peak_source}
 
 
 def bench_ours(spec: dict, flops: dict) -> dict:
   """Builds the experiment and times its compiled train step; hardware and peak included."""
   import jax
-  from ptuning import sharding
-  from ptuning.sharding import to_global_batch
-  from ptuning import param_tree
-  from ptuning.model.config import get_preset
-  from ptuning.train.experiment import TrainConfig, build_experiment
+  from ptuning.bench_step import CompiledStep
 
-  device = jax.devices()[0]
-  peak, peak_source = _peak_flops(jax, spec["dtype"])
-  hardware = {"jax": jax.__version__, "backend": jax.default_backend(),
-              "device_kind": device.device_kind, "devices": jax.device_count(),
-              "cpu": cpu_model_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-              "peak_flops": peak, "peak_source": peak_source}
+  hardware = hardware_info(spec["dtype"])
   rss_before = peak_rss_bytes()
-  with tempfile.TemporaryDirectory() as tmp:
-    exp = build_experiment(TrainConfig(
-        model_dir=tmp, initial_checkpoint_path=None,
-        model=get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute"),
-                                                param_dtype=spec.get("param_dtype", "float32")),
-        method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
-        trainable_pattern=TRAINABLE_OVERRIDES.get(spec["method"]),
-        batch_size=spec["batch"],
-        task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
-        dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
-        remat_policy=spec.get("remat", "none"), scan_layers=spec.get("scan_layers", False),
-        mesh=sharding.parse_mesh_spec(spec["mesh"])))
-  batches = [to_global_batch(b, exp.mesh) for b in random_batches(
-      spec["warmup"] + spec["steps"], spec["batch"], spec["inputs"], spec["targets"],
-      exp.model.vocab_size, num_tasks=BANK_TASKS if spec["method"] in ("prompt_bank", "mpt")
-      else 0)]
-  state, rng = exp.init_state(), jax.random.key(1)
-  start = time.perf_counter()
-  compiled = exp.train_step_fn(batches[0]).lower(state, exp.frozen, batches[0], rng).compile()
-  compile_s = time.perf_counter() - start
-  analysis = compiled.memory_analysis()
+  step = CompiledStep(spec)  # the one compiled executable, every step; the state is donated
   build_rss = peak_rss_bytes()
-  memory = {k: int(getattr(analysis, f"{k}_size_in_bytes", 0) or 0)
-            for k in ("argument", "output", "alias", "temp")} if analysis else {}
-
-  metrics = None
   steps_rss = reset_peak_rss()  # from here: the training steps' peak, after build and compile
-
-  def step(batch):  # the one compiled executable, every step; the train state is donated
-    nonlocal state, metrics
-    state, metrics = compiled(state, exp.frozen, batch, rng)
-    jax.block_until_ready((state, metrics))
-
-  out = _summary(time_steps(step, batches, spec["warmup"]), flops, spec)
+  out = _summary(time_steps(step, step.batches, spec["warmup"]), flops, spec)
   if spec.get("profile"):
     from ptuning import bench_profile
-    out["profile"] = bench_profile.profile_step(lambda: step(batches[-1]), compiled.as_text(),
-                                                spec["profile"])
-  stats = device.memory_stats() or {}
-  out.update(mesh=dict(exp.mesh.shape), compile_s=compile_s, compiled_memory=memory,
-             rss_before_build=rss_before, peak_rss=max(build_rss, peak_rss_bytes()),
+    out["profile"] = bench_profile.profile_step(lambda: step(step.batches[-1]),
+                                                step.compiled.as_text(), spec["profile"])
+  stats = jax.devices()[0].memory_stats() or {}
+  out.update(step.stats(), rss_before_build=rss_before,
+             peak_rss=max(build_rss, peak_rss_bytes()),
              steps_peak_rss=peak_rss_bytes() if steps_rss else None,
-             device_peak_bytes=stats.get("peak_bytes_in_use"),
-             loss=float(metrics["loss"]) / float(metrics["weight_sum"]))
-  out["trainable_parameters"] = param_tree.count(exp.trainable_init)
+             device_peak_bytes=stats.get("peak_bytes_in_use"))
   return {"hardware": hardware, "ours": out}
 
 
@@ -307,6 +240,11 @@ def run(args) -> int:
   spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
                                         "warmup", "dtype", "method", "mesh", "remat",
                                         "scan_layers", "attention", "param_dtype")}
+  if args.vs in METHODS:  # two of our methods, side by side in this process
+    if args.profile:
+      raise SystemExit("--profile traces one method: leave out --vs, or use --vs peft")
+    from ptuning import bench_methods
+    return bench_methods.run(spec, args.vs, args.json)
   flops = step_flops(get_preset(args.model), spec)
   if args.profile:
     spec["profile"] = args.profile
@@ -386,7 +324,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--attention", default="recompute", choices=("recompute", "plain", "cudnn"),
                  help="attention backward: recompute probabilities (default) or keep them; "
                  "cudnn: flash attention (jax.nn.dot_product_attention) on a GPU in bfloat16")
-  p.add_argument("--vs", default=None, choices=("peft",), help="also time HF PEFT (PyTorch)")
+  p.add_argument("--vs", default=None, choices=("peft",) + METHODS,
+                 help="peft: also time HF PEFT prompt tuning (PyTorch); a method: time it and "
+                 "--method side by side, in alternating rounds (ptuning/bench_methods.py)")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")
   p.add_argument("--profile", default=None, metavar="DIR",

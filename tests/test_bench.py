@@ -241,3 +241,50 @@ def test_a_failed_peer_is_reported_and_ours_still_measured(tmp_path, capsys, mon
   result = json.loads(out_json.read_text())
   assert result["peft"] is None and result["speedup_vs_peft"] is None
   assert "OutOfMemoryError" in result["peft_error"] and result["ours"]["step_s_median"] > 0
+
+
+def test_interleave_alternates_the_order_and_times_each_side():
+  """Round i runs both sides on batch i, A B then B A; warm-up rounds are not timed, and each
+  time is the clock around that side's own call."""
+  from ptuning.bench_methods import interleave, paired_ratio
+  now, calls = [0.0], []
+
+  def make_step(name, cost):
+    def step(batch):
+      calls.append((name, batch))
+      now[0] += cost * (1 + batch)  # the machine slows down round by round
+    return step
+
+  times = interleave({"a": make_step("a", 1.0), "b": make_step("b", 2.0)},
+                     {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3]}, warmup=1, clock=lambda: now[0])
+  assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2), ("b", 3), ("a", 3)]
+  assert times == {"a": [2.0, 3.0, 4.0], "b": [4.0, 6.0, 8.0]}
+  assert paired_ratio(times["a"], times["b"]) == 0.5
+  with pytest.raises(ValueError, match="same number of batches"):
+    interleave({"a": make_step("a", 1.0), "b": make_step("b", 1.0)}, {"a": [0], "b": [0, 1]}, 0)
+
+
+def test_bench_two_methods_side_by_side(tmp_path, capsys):
+  """`--method dept --vs prompt_tuning`: both steps built and timed in one invocation; the printed
+  ratio is the median of the per-round ratios of the saved step times."""
+  from ptuning.cli import main
+  out_json = tmp_path / "methods.json"
+  args = ["bench", "--model", "tiny_t5_1_1", "--batch", "8", "--inputs", "16", "--targets", "4",
+          "--prompt", "8", "--steps", "3", "--warmup", "1", "--method", "dept"]
+  assert main(args + ["--vs", "prompt_tuning", "--json", str(out_json)]) == 0
+  output = capsys.readouterr().out
+  result = json.loads(out_json.read_text())
+  dept, vanilla = result["results"]["dept"], result["results"]["prompt_tuning"]
+  # tiny_t5_1_1: d_model 32; DePT m=60, r=30, s=256 against an 8-token prompt.
+  assert vanilla["trainable_parameters"] == 8 * 32
+  assert dept["trainable_parameters"] == 60 * 32 + 256 * 30 + 30 * 32
+  assert result["flops"]["dept"]["total"] > result["flops"]["prompt_tuning"]["total"]
+  for name, r in result["results"].items():
+    assert len(r["step_s_all"]) == 3 and r["compiled_memory"]["argument"] > 0
+    assert float(_row(output, name)[2]) == pytest.approx(r["step_s_median"], abs=1e-4)
+  ratios = sorted(a / b for a, b in zip(dept["step_s_all"], vanilla["step_s_all"]))
+  assert result["step_time_ratio"] == pytest.approx(ratios[1])
+  match = re.search(r"^step time dept / prompt_tuning: (\d+\.\d{3}) ", output, re.M)
+  assert match and float(match.group(1)) == pytest.approx(result["step_time_ratio"], abs=5e-4)
+  with pytest.raises(SystemExit, match="compares two methods"):
+    main(args + ["--vs", "dept"])

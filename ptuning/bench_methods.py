@@ -1,0 +1,102 @@
+"""`ptuning bench --method A --vs B`, B a method: two methods' train steps side by side.
+
+Both experiments are built in this process on the same preset, batch and lengths (each method
+with its own prefix: DePT's m=60 against prompt tuning's P=100, say), both steps compiled once,
+and then timed round by round: round i runs A and B on their i-th batch, in alternating order
+(A B, B A, A B, ...). The speed of a shared machine drifts by 10-25% within minutes; timing the
+two in turn would put that drift into their ratio, while alternating rounds puts it on both sides
+alike. The figure of record is the median of the per-round ratios `time_A / time_B`; the ratio
+of the two medians is printed beside it.
+
+Peak RSS is not split between the two (one process holds both); compiled memory is per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Callable, Sequence
+
+from ptuning.bench import _gib, _summary, hardware_info
+from ptuning.bench_step import CompiledStep, step_flops
+
+
+def interleave(steps: dict[str, Callable], batches: dict[str, Sequence], warmup: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+  """Seconds of each side's `step(batch)` per round after the first `warmup` rounds; round i runs
+  every side on its i-th batch, the order reversed every other round (each `step` must block
+  until its work is done)."""
+  names = list(steps)
+  rounds = {len(batches[name]) for name in names}
+  if len(rounds) != 1:
+    raise ValueError(f"every side needs the same number of batches; got "
+                     f"{ {name: len(batches[name]) for name in names} }")
+  times = {name: [] for name in names}
+  for i in range(rounds.pop()):
+    for name in names if i % 2 == 0 else reversed(names):
+      start = clock()
+      steps[name](batches[name][i])
+      if i >= warmup:
+        times[name].append(clock() - start)
+  return times
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
+  """Median over rounds of `numerator[i] / denominator[i]`."""
+  return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
+
+
+def _row(name: str, r: dict, peak: float | None) -> str:
+  fraction = f"{100 * r['flops_per_s'] / peak:.1f}%" if peak else "n/a"
+  memory = r["compiled_memory"]
+  return (f"{name:<16}{r['trainable_parameters']:>13,}{r['step_s_median']:>12.4f}"
+          f"{r['step_s_min']:>10.4f}{r['tokens_per_s']:>11,.0f}{r['flops_per_s'] / 1e9:>10.2f}"
+          f"{fraction:>9}{(memory.get('argument', 0) + memory.get('temp', 0)) / 2**30:>18.2f}")
+
+
+def run(spec: dict, vs: str, json_path: str | None) -> int:
+  """Builds `spec['method']` and `vs`, times them in alternating rounds, prints and writes
+  (`json_path`) both summaries and their step-time ratio."""
+  from ptuning.model.config import get_preset
+  method = spec["method"]
+  if vs == method:
+    raise SystemExit(f"--vs {vs} compares two methods; --method is {method} too")
+  specs = {method: spec, vs: dict(spec, method=vs)}
+  flops = {name: step_flops(get_preset(s["model"]), s) for name, s in specs.items()}
+  print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()) + f" vs={vs}", flush=True)
+  load_average = os.getloadavg()[0]
+  hardware = dict(hardware_info(spec["dtype"]), load_average=load_average)
+  steps = {name: CompiledStep(s) for name, s in specs.items()}
+  times = interleave(steps, {name: step.batches for name, step in steps.items()},
+                     spec["warmup"])
+  results = {name: dict(_summary(times[name], flops[name], specs[name]), **steps[name].stats())
+             for name in specs}
+  ratio = paired_ratio(times[method], times[vs])
+  ratio_of_medians = results[method]["step_s_median"] / results[vs]["step_s_median"]
+
+  peak = hardware["peak_flops"]
+  print(f"hardware: jax {hardware['jax']} {hardware['backend']} backend, {hardware['devices']} x "
+        f"{hardware['device_kind']} | CPU: {hardware['cpu']} | {hardware['cores']} cores | "
+        f"load average {load_average:.2f}")
+  print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hardware['peak_source']})")
+  for name in specs:
+    print(f"{name}: analytic {flops[name]['total'] / 1e9:.4g} GFLOP/step | mesh "
+          f"{results[name]['mesh']} | compile {results[name]['compile_s']:.1f} s | compiled "
+          f"memory: " + ", ".join(f"{k} {_gib(v)}"
+                                  for k, v in results[name]["compiled_memory"].items()))
+  print(f"{len(times[method])} timed rounds after {spec['warmup']} warm-up, each running both "
+        f"steps, in alternating order")
+  print(f"\n{'method':<16}{'trainable':>13}{'step med s':>12}{'min s':>10}{'tokens/s':>11}"
+        f"{'GFLOP/s':>10}{'of peak':>9}{'args+temp GiB':>18}")
+  for name in specs:
+    print(_row(name, results[name], peak))
+  print(f"step time {method} / {vs}: {ratio:.3f} (median of per-round ratios; ratio of medians "
+        f"{ratio_of_medians:.3f})")
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"config": dict(spec, vs=vs), "hardware": hardware, "flops": flops,
+                 "results": results, "step_time_ratio": ratio,
+                 "step_time_ratio_of_medians": ratio_of_medians}, f, indent=2)
+  return 0
