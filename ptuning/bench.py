@@ -173,9 +173,12 @@ def hardware_info(dtype: str) -> dict:
           "peak_flops": peak, "peak_source": peak_source}
 
 
-def bench_ours(spec: dict, flops: dict) -> dict:
-  """Builds the experiment and times its compiled train step; hardware and peak included."""
+def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
+  """Builds the experiment and times its compiled train step; hardware and peak included. With a
+  `bench_rounds.PeerProcess`, each of our steps pairs with one of the peer's, in alternating
+  order (`bench_rounds.interleave`)."""
   import jax
+  from ptuning.bench_rounds import interleave
   from ptuning.bench_step import CompiledStep
 
   hardware = hardware_info(spec["dtype"])
@@ -183,7 +186,13 @@ def bench_ours(spec: dict, flops: dict) -> dict:
   step = CompiledStep(spec)  # the one compiled executable, every step; the state is donated
   build_rss = peak_rss_bytes()
   steps_rss = reset_peak_rss()  # from here: the training steps' peak, after build and compile
-  out = _summary(time_steps(step, step.batches, spec["warmup"]), flops, spec)
+  if peer is None:
+    times = time_steps(step, step.batches, spec["warmup"])
+  else:
+    times = interleave({"ours": step, "peer": peer.step},
+                       {"ours": step.batches, "peer": range(len(step.batches))},
+                       spec["warmup"])["ours"]
+  out = _summary(times, flops, spec)
   if spec.get("profile"):
     from ptuning import bench_profile
     out["profile"] = bench_profile.profile_step(lambda: step(step.batches[-1]),
@@ -234,12 +243,15 @@ def run(args) -> int:
     return bench_inference.run(args)
   if args.prompt is None:
     raise SystemExit("--mode train needs --prompt (the prompt length P)")
+  if args.paired and args.vs != "peft":
+    raise SystemExit("--paired pairs our steps with a peer's: add --vs peft (--vs METHOD always "
+                     "alternates)")
   if args.vs == "peft" and args.method != "prompt_tuning":
     raise SystemExit("--vs peft compares prompt tuning: use --method prompt_tuning")
   from ptuning.model.config import get_preset
   spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
                                         "warmup", "dtype", "method", "mesh", "remat",
-                                        "scan_layers", "attention", "param_dtype")}
+                                        "scan_layers", "attention", "param_dtype", "paired")}
   if args.vs in METHODS:  # two of our methods, side by side in this process
     if args.profile:
       raise SystemExit("--profile traces one method: leave out --vs, or use --vs peft")
@@ -250,17 +262,28 @@ def run(args) -> int:
     spec["profile"] = args.profile
   print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()), flush=True)
   load_average = os.getloadavg()[0]
-  # PEFT first, in its own process, while this one holds no JAX memory (GPU preallocation).
-  # A peer that fails (out of memory, say) is reported, and ours is still measured.
-  peft_result, peft_error = None, None
+  # PEFT first, in its own process, while this one holds no JAX memory (GPU preallocation); or,
+  # --paired, built first and then stepping in rounds with ours (both models held at once).
+  # A peer that fails to build (out of memory, say) is reported, and ours is still measured.
+  peft_result, peft_error, peer = None, None, None
   if args.vs == "peft":
     try:
-      peft_result = run_peft(spec)
+      if args.paired:
+        from ptuning.bench_rounds import PeerProcess
+        peer = PeerProcess("ptuning.bench_peft", "--_peft_worker", spec)
+      else:
+        peft_result = run_peft(spec)
     except RuntimeError as e:
       peft_error = str(e)
       print(f"peft: FAILED, measuring ours alone; its error ends:\n{peft_error[-1500:]}",
             flush=True)
-  result = bench_ours(spec, flops)
+  try:
+    result = bench_ours(spec, flops, peer)
+    if peer is not None:
+      peft_result = peer.result()
+  finally:
+    if peer is not None:
+      peer.close()
   hw, ours = result["hardware"], result["ours"]
   hw["load_average"], peak = load_average, hw["peak_flops"]
   print(f"hardware: jax {hw['jax']} {hw['backend']} backend, {hw['devices']} x {hw['device_kind']}"
@@ -285,18 +308,24 @@ def run(args) -> int:
   print(f"\n{'impl':<6}{'step med s':>12}{'min s':>10}{'tokens/s':>12}{'+prompt tok/s':>14}"
         f"{'GFLOP/s':>11}{'of peak':>9}{'peak RSS GiB':>13}{'steps RSS GiB':>14}")
   print(_row("ours", ours, peak))
-  speedup = None
+  speedup = paired = None
   if peft_result:
     print(_row("peft", peft_result, peak))
     speedup = peft_result["step_s_median"] / ours["step_s_median"]
     print(f"speedup vs peft: {speedup:.2f}")
+    if peer is not None:
+      from ptuning.bench_rounds import paired_ratio
+      paired = paired_ratio(peft_result["step_s_all"], ours["step_s_all"])
+      print(f"speedup vs peft, median of {len(ours['step_s_all'])} paired rounds (alternating "
+            f"order): {paired:.3f}")
   if "profile" in ours:
     from ptuning import bench_profile
     bench_profile.print_profile(ours["profile"], ours["step_s_median"])
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": spec, "hardware": hw, "flops": flops, "ours": ours, "peft": peft_result,
-                 "peft_error": peft_error, "speedup_vs_peft": speedup}, f, indent=2)
+                 "peft_error": peft_error, "speedup_vs_peft": speedup,
+                 "speedup_vs_peft_paired": paired}, f, indent=2)
   return 0
 
 
@@ -327,6 +356,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vs", default=None, choices=("peft",) + METHODS,
                  help="peft: also time HF PEFT prompt tuning (PyTorch); a method: time it and "
                  "--method side by side, in alternating rounds (ptuning/bench_methods.py)")
+  p.add_argument("--paired", action="store_true",
+                 help="--vs peft / decode / score: keep the peer in a running process and time "
+                 "its steps in rounds with ours, alternating order (ptuning/bench_rounds.py); "
+                 "both models are held at once")
   p.add_argument("--mesh", default=None, help="e.g. data=2,model=4 (default: all devices on data)")
   p.add_argument("--json", default=None, help="write every figure here")
   p.add_argument("--profile", default=None, metavar="DIR",

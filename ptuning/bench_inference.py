@@ -6,7 +6,9 @@ transformers (`T5ForConditionalGeneration.from_pretrained`, float32, `torch.infe
 CUDA when present) and ours (`load_backbone`, one device) both load that directory, so they run
 the very same weights. Transformers runs first in its own process
 (`python -m ptuning.bench_inference --_hf_worker SPEC`), so each process's peak RSS is its own and
-JAX holds no GPU memory meanwhile. Both time `warmup + steps` identical random batches (right-padded
+JAX holds no GPU memory meanwhile; with `--paired` that process is built first and then runs its
+batches in rounds with ours, alternating order (`ptuning.bench_rounds`), so the machine's drift
+does not enter the ratio. Both time `warmup + steps` identical random batches (right-padded
 rows of random lengths, first row full) and fetch every result to the host inside the timed step.
 
 - decode: greedy, KV cache, exactly `T = --targets` new tokens per row. EOS stopping is off on
@@ -37,6 +39,7 @@ import tempfile
 import time
 
 from ptuning.bench import _gib, cpu_model_name, peak_rss_bytes, run_worker, time_steps
+from ptuning.bench_rounds import PeerProcess, interleave, paired_ratio, timed_steps
 
 MODES = ("decode", "score")
 NO_EOS = -1  # an id no model produces: greedy decoding never stops early
@@ -145,7 +148,8 @@ def hf_worker(spec: dict) -> dict:
     outputs.append((picked * (b["targets"] > 0)).sum(-1).view(-1, c).cpu().numpy())
 
   with torch.inference_mode():
-    times = time_steps(decode if spec["mode"] == "decode" else score, batches, spec["warmup"])
+    times = timed_steps(decode if spec["mode"] == "decode" else score, batches, spec["warmup"],
+                        spec.get("paired", False))
   out = _summary(times, spec)
   out.update(torch=torch.__version__, transformers=transformers.__version__,
              threads=torch.get_num_threads(), device=str(dev), rss_before_build=rss_before,
@@ -185,8 +189,9 @@ def make_rank_score_fn(cfg):
   return score
 
 
-def bench_ours(spec: dict) -> dict:
-  """Loads the checkpoint on one device, compiles once, times every batch; hardware included."""
+def bench_ours(spec: dict, peer: PeerProcess | None = None) -> dict:
+  """Loads the checkpoint on one device, compiles once, times every batch (with a peer: each
+  batch in a round with the peer's, alternating order); hardware included."""
   import jax
   import numpy as np
   from ptuning import sharding
@@ -208,8 +213,15 @@ def bench_ours(spec: dict) -> dict:
   compiled = fn.lower(params, *batches[0]).compile()
   compile_s = time.perf_counter() - start
   outputs = []
-  times = time_steps(lambda b: outputs.append(np.asarray(compiled(params, *b))), batches,
-                     spec["warmup"])
+
+  def step(batch):
+    outputs.append(np.asarray(compiled(params, *batch)))
+
+  if peer is None:
+    times = time_steps(step, batches, spec["warmup"])
+  else:
+    times = interleave({"ours": step, "peer": peer.step},
+                       {"ours": batches, "peer": range(len(batches))}, spec["warmup"])["ours"]
   out = _summary(times, spec)
   stats = device.memory_stats() or {}
   out.update(compile_s=compile_s, rss_before_build=rss_before, peak_rss=peak_rss_bytes(),
@@ -254,7 +266,7 @@ def run(args) -> int:
     raise SystemExit(f"--mode {args.mode} compares float32 on one device with transformers: "
                      "drop --dtype / --mesh / --vs / --method")
   spec = {k: getattr(args, k) for k in ("mode", "model", "batch", "inputs", "targets", "steps",
-                                        "warmup")}
+                                        "warmup", "paired")}
   if args.mode == "score":
     spec["candidates"] = args.candidates
   spec.update(dtype="float32", seed=0)
@@ -267,9 +279,18 @@ def run(args) -> int:
   with tempfile.TemporaryDirectory(prefix="ptuning-bench-") as tmp:
     spec["checkpoint"] = tmp
     run_worker("ptuning.bench_inference", "--_weights_worker", spec)
-    # transformers first, in its own process, while this one holds no JAX memory.
-    theirs = run_worker("ptuning.bench_inference", "--_hf_worker", spec)
-    result = bench_ours(spec)
+    # transformers first, in its own process, while this one holds no JAX memory; or, --paired,
+    # built first and then running its batches in rounds with ours (both models held at once).
+    if not args.paired:
+      theirs = run_worker("ptuning.bench_inference", "--_hf_worker", spec)
+      result = bench_ours(spec)
+    else:
+      peer = PeerProcess("ptuning.bench_inference", "--_hf_worker", spec)
+      try:
+        result = bench_ours(spec, peer)
+        theirs = peer.result()
+      finally:
+        peer.close()
   del spec["checkpoint"]
   hw, ours = result["hardware"], result["ours"]
   hw["load_average"] = load_average
@@ -294,12 +315,17 @@ def run(args) -> int:
   print(_row("ours", ours))
   print(_row("transformers", theirs))
   print(f"speed ratio ours / transformers: {ratio:.2f}")
+  paired = (paired_ratio(theirs["batch_s_all"], ours["batch_s_all"]) if args.paired else None)
+  if paired is not None:
+    print(f"speed ratio, median of {len(ours['batch_s_all'])} paired rounds (alternating order): "
+          f"{paired:.3f}")
   print(_check_line(args.mode, check))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"config": spec, "hardware": hw, "tokens_per_s_definition":
                  TOKENS_DEFINITION[args.mode], "ours": ours, "transformers": theirs,
-                 "ratio_ours_over_transformers": ratio, "check": check}, f, indent=2)
+                 "ratio_ours_over_transformers": ratio,
+                 "ratio_ours_over_transformers_paired": paired, "check": check}, f, indent=2)
   return 0
 
 

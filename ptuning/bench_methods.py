@@ -2,11 +2,10 @@
 
 Both experiments are built in this process on the same preset, batch and lengths (each method
 with its own prefix: DePT's m=60 against prompt tuning's P=100, say), both steps compiled once,
-and then timed round by round: round i runs A and B on their i-th batch, in alternating order
-(A B, B A, A B, ...). The speed of a shared machine drifts by 10-25% within minutes; timing the
-two in turn would put that drift into their ratio, while alternating rounds puts it on both sides
-alike. The figure of record is the median of the per-round ratios `time_A / time_B`; the ratio
-of the two medians is printed beside it.
+and then timed round by round (`bench_rounds.interleave`): round i runs A and B on their i-th
+batch, in alternating order, so the machine's drift falls on both alike. The figure of record is
+the median of the per-round ratios `time_A / time_B`; the ratio of the two medians is printed
+beside it.
 
 Peak RSS is not split between the two (one process holds both); compiled memory is per step.
 """
@@ -15,37 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
-from typing import Callable, Sequence
 
 from ptuning.bench import _gib, _summary, hardware_info
+from ptuning.bench_rounds import interleave, paired_ratio
 from ptuning.bench_step import CompiledStep, step_flops
-
-
-def interleave(steps: dict[str, Callable], batches: dict[str, Sequence], warmup: int,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
-  """Seconds of each side's `step(batch)` per round after the first `warmup` rounds; round i runs
-  every side on its i-th batch, the order reversed every other round (each `step` must block
-  until its work is done)."""
-  names = list(steps)
-  rounds = {len(batches[name]) for name in names}
-  if len(rounds) != 1:
-    raise ValueError(f"every side needs the same number of batches; got "
-                     f"{ {name: len(batches[name]) for name in names} }")
-  times = {name: [] for name in names}
-  for i in range(rounds.pop()):
-    for name in names if i % 2 == 0 else reversed(names):
-      start = clock()
-      steps[name](batches[name][i])
-      if i >= warmup:
-        times[name].append(clock() - start)
-  return times
-
-
-def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
-  """Median over rounds of `numerator[i] / denominator[i]`."""
-  return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def _row(name: str, r: dict, peak: float | None) -> str:

@@ -2,7 +2,8 @@
 `peft.PromptTuningConfig`, the same sizes and random batches as ours, timed in its own process
 (`python -m ptuning.bench_peft --_peft_worker SPEC`, started by `bench.run_peft`; its last stdout
 line is the JSON result), so that its peak RSS is its own and JAX holds no GPU memory meanwhile.
-Imports no JAX."""
+With `--paired` it is built first and then runs its steps one by one, in rounds with ours
+(`bench_rounds.timed_steps`). Imports no JAX."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import os
 import sys
 
 from ptuning.bench import (_summary, peak_rss_bytes, prompt_tuning_step_flops, random_batches,
-                           reset_peak_rss, time_steps)
+                           reset_peak_rss)
+from ptuning.bench_rounds import timed_steps
 
 
 def peft_worker(spec: dict) -> dict:
@@ -54,7 +56,7 @@ def peft_worker(spec: dict) -> dict:
     optimizer.step()
     losses.append(loss.item())  # synchronises on GPU
 
-  times = time_steps(step, batches, spec["warmup"])
+  times = timed_steps(step, batches, spec["warmup"], spec.get("paired", False))
   flops = prompt_tuning_step_flops(cfg, spec["batch"], spec["inputs"], spec["targets"],
                                    spec["prompt"])
   out = _summary(times, flops, spec)

@@ -96,6 +96,16 @@ def _check_inference_report(output: str, result: dict, mode: str) -> None:
       result["ratio_ours_over_transformers"], abs=0.005)
   assert result["ratio_ours_over_transformers"] == pytest.approx(
       result["transformers"]["batch_s_median"] / result["ours"]["batch_s_median"])
+  paired = result["ratio_ours_over_transformers_paired"]
+  if not result["config"]["paired"]:
+    assert paired is None and "paired rounds" not in output
+    return
+  ratios = [a / b for a, b in zip(result["transformers"]["batch_s_all"],
+                                  result["ours"]["batch_s_all"])]
+  assert paired == pytest.approx(sum(ratios) / 2)  # the median of two rounds
+  match = re.search(r"^speed ratio, median of 2 paired rounds \(alternating order\): "
+                    r"(\d+\.\d{3})$", output, re.M)
+  assert match and float(match.group(1)) == pytest.approx(paired, abs=5e-4)
 
 
 def test_bench_decode_against_transformers_without_tensorflow(tmp_path):
@@ -115,10 +125,12 @@ def test_bench_decode_against_transformers_without_tensorflow(tmp_path):
   assert "check: 0 of 72 generated token ids differ (0 of 12 rows)" in proc.stdout
 
 
-def test_bench_score_against_transformers(tmp_path, capsys):
+def test_bench_score_against_transformers_in_paired_rounds(tmp_path, capsys):
+  """`--paired`: transformers stays in a running process and scores each batch in a round with
+  ours; the outputs still match, and the paired ratio comes from the per-round times."""
   from ptuning.cli import main
   out_json = tmp_path / "score.json"
-  assert main(INFERENCE_ARGS + ["--mode", "score", "--candidates", "3", "--json",
+  assert main(INFERENCE_ARGS + ["--mode", "score", "--candidates", "3", "--paired", "--json",
                                 str(out_json)]) == 0
   output = capsys.readouterr().out
   result = json.loads(out_json.read_text())
@@ -222,6 +234,57 @@ def test_profile_reads_gpu_library_calls_and_kernels():
   assert classify_kernel("memcpy128", *index) == ("copy: memcpy128", 0.0)
 
 
+def test_bench_against_peft_in_paired_rounds(tmp_path, capsys):
+  """`--vs peft --paired`: PEFT is built in its own process, then each round runs one step of
+  each side, alternating order; each side's times are its own, and the paired speedup is the
+  median of the per-round ratios."""
+  from ptuning.cli import main
+  out_json = tmp_path / "bench.json"
+  assert main(["bench", "--model", "tiny_t5_1_1", "--batch", "8", "--inputs", "16", "--targets",
+               "4", "--prompt", "4", "--steps", "3", "--warmup", "1", "--vs", "peft", "--paired",
+               "--json", str(out_json)]) == 0
+  output = capsys.readouterr().out
+  result = json.loads(out_json.read_text())
+  assert result["config"]["paired"] is True
+  ours, peft = result["ours"]["step_s_all"], result["peft"]["step_s_all"]
+  assert len(ours) == len(peft) == 3 and result["peft"]["trainable_params"] == 4 * 32
+  assert 0 < result["peft"]["steps_peak_rss"] <= result["peft"]["peak_rss"]
+  ratios = sorted(p / o for p, o in zip(peft, ours))
+  assert result["speedup_vs_peft_paired"] == pytest.approx(ratios[1])
+  match = re.search(r"^speedup vs peft, median of 3 paired rounds \(alternating order\): "
+                    r"(\d+\.\d{3})$", output, re.M)
+  assert match and float(match.group(1)) == pytest.approx(ratios[1], abs=5e-4)
+  with pytest.raises(SystemExit, match="add --vs peft"):
+    main(["bench", "--model", "tiny_t5_1_1", "--batch", "4", "--inputs", "16", "--targets", "4",
+          "--prompt", "4", "--paired"])
+
+
+def test_a_peer_that_fails_to_build_is_reported_with_its_error():
+  from ptuning.bench_rounds import PeerProcess
+  spec = {"model": "no_such_preset", "batch": 2, "inputs": 8, "targets": 4, "prompt": 2,
+          "steps": 1, "warmup": 0, "dtype": "float32"}
+  with pytest.raises(RuntimeError, match=r"(?s)--_peft_worker worker failed \(1\) before "
+                     r"answering.*no_such_preset"):
+    PeerProcess("ptuning.bench_peft", "--_peft_worker", spec)
+
+
+def test_a_paired_worker_runs_steps_in_order_until_stdin_closes(monkeypatch, capsys):
+  import io
+  from ptuning.bench_rounds import DONE, READY, timed_steps
+  ran = []
+  monkeypatch.setattr("sys.stdin", io.StringIO("step 0\nstep 1\nstep 2\n"))
+  assert len(timed_steps(ran.append, ["a", "b", "c"], warmup=1, paired=True)) == 2
+  assert ran == ["a", "b", "c"]
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == READY and len(lines) == 4 and all(l.startswith(DONE + " ") for l in lines[1:])
+  monkeypatch.setattr("sys.stdin", io.StringIO("step 1\n"))
+  with pytest.raises(RuntimeError, match="asked for step 1, expected step 0"):
+    timed_steps(ran.append, ["a", "b"], warmup=0, paired=True)
+  monkeypatch.setattr("sys.stdin", io.StringIO("step 0\n"))
+  with pytest.raises(RuntimeError, match="stdin closed after 1 of 2 steps"):
+    timed_steps(ran.append, ["a", "b"], warmup=0, paired=True)
+
+
 def test_a_failed_peer_is_reported_and_ours_still_measured(tmp_path, capsys, monkeypatch):
   """`--vs peft` whose worker fails (out of GPU memory, say): the error is printed and saved, and
   our step is still timed and written."""
@@ -246,7 +309,7 @@ def test_a_failed_peer_is_reported_and_ours_still_measured(tmp_path, capsys, mon
 def test_interleave_alternates_the_order_and_times_each_side():
   """Round i runs both sides on batch i, A B then B A; warm-up rounds are not timed, and each
   time is the clock around that side's own call."""
-  from ptuning.bench_methods import interleave, paired_ratio
+  from ptuning.bench_rounds import interleave, paired_ratio
   now, calls = [0.0], []
 
   def make_step(name, cost):
