@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the README's performance tables: writes benchmarks/<name>.json and prints each run.
 # Usage: bash benchmarks/run.sh [cpu|methods|inference|memory|profile]   (run on a quiet machine; timings are
-# medians). memory: prompt tuning vs full fine-tuning with attention kept / recomputed and
+# medians; --paired: the peer steps in rounds with ours, so drift does not enter the ratio).
+# memory: prompt tuning vs full fine-tuning with attention kept / recomputed and
 # with scan + full remat. inference: greedy decoding and rank scoring against transformers (same weights).
 # GPU figures (T5 1.1 XL on one H100 / H200): benchmarks/gpu.sh, run on the GPU machine.
 set -euo pipefail
@@ -14,20 +15,20 @@ case "$what" in
 esac
 if [ "$what" = cpu ]; then
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
-    --steps 5 --warmup 2 --vs peft --json benchmarks/cpu_t5_1_1_small.json
+    --steps 7 --warmup 2 --vs peft --paired --json benchmarks/cpu_t5_1_1_small.json
   "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
-    --steps 3 --warmup 1 --vs peft --json benchmarks/cpu_t5_1_1_base.json
+    --steps 5 --warmup 1 --vs peft --paired --json benchmarks/cpu_t5_1_1_base.json
   # bfloat16 activations (float32 parameters) against PEFT under torch.autocast(bfloat16).
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
-    --steps 5 --warmup 2 --dtype bfloat16 --vs peft --json benchmarks/cpu_t5_1_1_small_bf16.json
+    --steps 7 --warmup 2 --dtype bfloat16 --vs peft --paired --json benchmarks/cpu_t5_1_1_small_bf16.json
   "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
-    --steps 3 --warmup 1 --dtype bfloat16 --vs peft --json benchmarks/cpu_t5_1_1_base_bf16.json
+    --steps 5 --warmup 1 --dtype bfloat16 --vs peft --paired --json benchmarks/cpu_t5_1_1_base_bf16.json
   # ... and with our frozen backbone stored in bfloat16 (no per-step casts of the weights).
   "$PY" -m ptuning bench --model t5_1_1_small --batch 8 --inputs 256 --targets 8 --prompt 100 \
-    --steps 5 --warmup 2 --dtype bfloat16 --param_dtype bfloat16 --vs peft \
+    --steps 7 --warmup 2 --dtype bfloat16 --param_dtype bfloat16 --vs peft --paired \
     --json benchmarks/cpu_t5_1_1_small_bf16_params.json
   "$PY" -m ptuning bench --model t5_1_1_base --batch 4 --inputs 256 --targets 8 --prompt 100 \
-    --steps 3 --warmup 1 --dtype bfloat16 --param_dtype bfloat16 --vs peft \
+    --steps 5 --warmup 1 --dtype bfloat16 --param_dtype bfloat16 --vs peft --paired \
     --json benchmarks/cpu_t5_1_1_base_bf16_params.json
 fi
 if [ "$what" = profile ]; then  # where the float32 small step's time goes, by kind of op
@@ -48,9 +49,9 @@ if [ "$what" = methods ]; then
 fi
 if [ "$what" = inference ]; then
   "$PY" -m ptuning bench --mode decode --model t5_1_1_small --batch 8 --inputs 256 --targets 32 \
-    --steps 5 --warmup 2 --json benchmarks/inference_decode_t5_1_1_small.json
+    --steps 7 --warmup 2 --paired --json benchmarks/inference_decode_t5_1_1_small.json
   "$PY" -m ptuning bench --mode score --model t5_1_1_small --batch 8 --inputs 256 --targets 4 \
-    --candidates 2 --steps 10 --warmup 2 --json benchmarks/inference_score_t5_1_1_small.json
+    --candidates 2 --steps 10 --warmup 2 --paired --json benchmarks/inference_score_t5_1_1_small.json
 fi
 if [ "$what" = memory ]; then
   for method in prompt_tuning full_finetuning; do

@@ -17,7 +17,6 @@ from typing import Any, Hashable, Iterable, Iterator, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from ptuning.data.jsonl import parse_jsonl_line
 from ptuning.model import decoding
 from ptuning.model.config import T5Config
 from ptuning.model.t5 import EncoderDecoder
@@ -27,6 +26,9 @@ LENGTH_BUCKET = 16  # pad lengths up to a multiple of this, so few shapes are co
 
 def read_jsonl_examples(path: str) -> list[tuple[int, dict[str, Any]]]:
   """(line number, example) for every line; errors name `file:line` and the field at fault."""
+  # Imported here: `ptuning.data` loads TensorFlow and SeqIO, which scoring arrays (the rank
+  # bench, rank tasks) does not need.
+  from ptuning.data.jsonl import parse_jsonl_line
   examples = []
   with open(path, "rb") as f:
     for line_number, line in enumerate(f, start=1):

@@ -146,7 +146,7 @@ def test_bench_score_against_transformers_in_paired_rounds(tmp_path, capsys):
 def test_bench_modules_do_not_import_tensorflow():
   modules = ("ptuning.cli", "ptuning.bench", "ptuning.bench_inference", "ptuning.sharding",
              "ptuning.param_tree", "ptuning.train.experiment", "ptuning.checkpoints.load",
-             "ptuning.model.decoding")
+             "ptuning.model.decoding", "ptuning.scoring", "ptuning.bench_methods")
   script = (f"import sys; import {', '.join(modules)}; "
             "assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
