@@ -125,11 +125,11 @@ class PeerProcess:
     out = self._proc.stdout.read()
     if self._proc.wait():
       raise self._fail("after its steps")
-    self._stderr.close()
     return json.loads(out.strip().splitlines()[-1])
 
   def close(self) -> None:
-    """Stops the peer if it is still running (after an error on our side)."""
+    """Stops the peer if it is still running (after an error on our side); frees its files."""
     if self._proc.poll() is None:
       self._proc.kill()
       self._proc.wait()
+    self._stderr.close()
