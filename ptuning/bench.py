@@ -3,9 +3,10 @@
 Ours is the experiment's own jitted train step (`bench_step.CompiledStep`: `build_experiment`
 with a random backbone from a preset, `PromptTuning(length=P)` or `--method`, Adafactor), lowered
 and compiled once and then called on `warmup + steps` different random batches `[B, L]` /
-`[B, T]`, blocking on its outputs each step. `--vs peft` first runs `peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with
-the same sizes and batches in a subprocess (`ptuning/bench_peft.py`), so the
-two processes' peak RSS are measured apart and JAX holds no GPU memory meanwhile. Both are
+`[B, T]`, blocking on its outputs each step. `--vs peft` first runs
+`peft.get_peft_model(T5ForConditionalGeneration, PromptTuningConfig)` with the same sizes and
+batches in a subprocess (`ptuning/bench_peft.py`), so the two processes' peak RSS are measured
+apart and JAX holds no GPU memory meanwhile. Both are
 scored against one analytic FLOP count (`prompt_tuning_step_flops`) and one peak: measured (a
 large matmul) on CPU, datasheet on GPU.
 
@@ -178,7 +179,7 @@ def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
   `bench_rounds.PeerProcess`, each of our steps pairs with one of the peer's, in alternating
   order (`bench_rounds.interleave`)."""
   import jax
-  from ptuning.bench_rounds import interleave
+  from ptuning.bench_rounds import time_with_peer
   from ptuning.bench_step import CompiledStep
 
   hardware = hardware_info(spec["dtype"])
@@ -186,13 +187,7 @@ def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
   step = CompiledStep(spec)  # the one compiled executable, every step; the state is donated
   build_rss = peak_rss_bytes()
   steps_rss = reset_peak_rss()  # from here: the training steps' peak, after build and compile
-  if peer is None:
-    times = time_steps(step, step.batches, spec["warmup"])
-  else:
-    times = interleave({"ours": step, "peer": peer.step},
-                       {"ours": step.batches, "peer": range(len(step.batches))},
-                       spec["warmup"])["ours"]
-  out = _summary(times, flops, spec)
+  out = _summary(time_with_peer(step, step.batches, spec["warmup"], peer), flops, spec)
   if spec.get("profile"):
     from ptuning import bench_profile
     out["profile"] = bench_profile.profile_step(lambda: step(step.batches[-1]),
@@ -205,14 +200,19 @@ def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
   return {"hardware": hardware, "ours": out}
 
 
-def run_worker(module: str, flag: str, spec: dict) -> dict:
-  """`python -m MODULE FLAG SPEC` in a fresh Python process; its last stdout line is the JSON
-  result (used for every peer and helper process of the benches)."""
+def worker_command(module: str, flag: str, spec: dict) -> tuple[list[str], dict]:
+  """(argv, environment) of `python -m MODULE FLAG SPEC` with this checkout importable."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       p for p in (root, os.environ.get("PYTHONPATH")) if p))
-  proc = subprocess.run([sys.executable, "-m", module, flag, json.dumps(spec)],
-                        capture_output=True, text=True, env=env)
+  return [sys.executable, "-m", module, flag, json.dumps(spec)], env
+
+
+def run_worker(module: str, flag: str, spec: dict) -> dict:
+  """`python -m MODULE FLAG SPEC` in a fresh Python process; its last stdout line is the JSON
+  result (used for every peer and helper process of the benches)."""
+  argv, env = worker_command(module, flag, spec)
+  proc = subprocess.run(argv, capture_output=True, text=True, env=env)
   if proc.returncode:
     raise RuntimeError(f"{flag} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -225,6 +225,14 @@ def run_peft(spec: dict) -> dict:
 
 def _gib(n: int | None) -> str:
   return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def print_hardware(hw: dict) -> None:
+  """The hardware and peak lines of a train-mode report (`hardware_info` + `load_average`)."""
+  peak = hw["peak_flops"]
+  print(f"hardware: jax {hw['jax']} {hw['backend']} backend, {hw['devices']} x {hw['device_kind']}"
+        f" | CPU: {hw['cpu']} | {hw['cores']} cores | load average {hw['load_average']:.2f}")
+  print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hw['peak_source']})")
 
 
 def _row(name: str, r: dict, peak: float | None) -> str:
@@ -286,11 +294,9 @@ def run(args) -> int:
       peer.close()
   hw, ours = result["hardware"], result["ours"]
   hw["load_average"], peak = load_average, hw["peak_flops"]
-  print(f"hardware: jax {hw['jax']} {hw['backend']} backend, {hw['devices']} x {hw['device_kind']}"
-        f" | CPU: {hw['cpu']} | {hw['cores']} cores | load average {load_average:.2f}")
+  print_hardware(hw)
   print(f"analytic FLOPs/step: forward {flops['forward'] / 1e9:.4g} G + backward "
         f"{flops['backward'] / 1e9:.4g} G = {flops['total'] / 1e9:.4g} GFLOP")
-  print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hw['peak_source']})")
   mem = ours["compiled_memory"]
   print(f"method: {spec['method']} | trainable parameters {ours['trainable_parameters']:,}")
   print(f"ours: mesh {ours['mesh']} | compile {ours['compile_s']:.1f} s | compiled step memory: " +

@@ -38,8 +38,8 @@ import sys
 import tempfile
 import time
 
-from ptuning.bench import _gib, cpu_model_name, peak_rss_bytes, run_worker, time_steps
-from ptuning.bench_rounds import PeerProcess, interleave, paired_ratio, timed_steps
+from ptuning.bench import _gib, cpu_model_name, peak_rss_bytes, run_worker
+from ptuning.bench_rounds import PeerProcess, paired_ratio, time_with_peer, timed_steps
 
 MODES = ("decode", "score")
 NO_EOS = -1  # an id no model produces: greedy decoding never stops early
@@ -217,12 +217,7 @@ def bench_ours(spec: dict, peer: PeerProcess | None = None) -> dict:
   def step(batch):
     outputs.append(np.asarray(compiled(params, *batch)))
 
-  if peer is None:
-    times = time_steps(step, batches, spec["warmup"])
-  else:
-    times = interleave({"ours": step, "peer": peer.step},
-                       {"ours": batches, "peer": range(len(batches))}, spec["warmup"])["ours"]
-  out = _summary(times, spec)
+  out = _summary(time_with_peer(step, batches, spec["warmup"], peer), spec)
   stats = device.memory_stats() or {}
   out.update(compile_s=compile_s, rss_before_build=rss_before, peak_rss=peak_rss_bytes(),
              device_peak_bytes=stats.get("peak_bytes_in_use"), outputs=np.stack(outputs))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from ptuning.bench import _gib, _summary, hardware_info
+from ptuning.bench import _gib, _summary, hardware_info, print_hardware
 from ptuning.bench_rounds import interleave, paired_ratio
 from ptuning.bench_step import CompiledStep, step_flops
 
@@ -38,8 +38,7 @@ def run(spec: dict, vs: str, json_path: str | None) -> int:
   specs = {method: spec, vs: dict(spec, method=vs)}
   flops = {name: step_flops(get_preset(s["model"]), s) for name, s in specs.items()}
   print("config: " + " ".join(f"{k}={v}" for k, v in spec.items()) + f" vs={vs}", flush=True)
-  load_average = os.getloadavg()[0]
-  hardware = dict(hardware_info(spec["dtype"]), load_average=load_average)
+  hardware = dict(hardware_info(spec["dtype"]), load_average=os.getloadavg()[0])
   steps = {name: CompiledStep(s) for name, s in specs.items()}
   times = interleave(steps, {name: step.batches for name, step in steps.items()},
                      spec["warmup"])
@@ -49,10 +48,7 @@ def run(spec: dict, vs: str, json_path: str | None) -> int:
   ratio_of_medians = results[method]["step_s_median"] / results[vs]["step_s_median"]
 
   peak = hardware["peak_flops"]
-  print(f"hardware: jax {hardware['jax']} {hardware['backend']} backend, {hardware['devices']} x "
-        f"{hardware['device_kind']} | CPU: {hardware['cpu']} | {hardware['cores']} cores | "
-        f"load average {load_average:.2f}")
-  print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hardware['peak_source']})")
+  print_hardware(hardware)
   for name in specs:
     print(f"{name}: analytic {flops[name]['total'] / 1e9:.4g} GFLOP/step | mesh "
           f"{results[name]['mesh']} | compile {results[name]['compile_s']:.1f} s | compiled "

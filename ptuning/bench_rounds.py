@@ -17,7 +17,6 @@ Standard library only, like `ptuning.bench`.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,17 @@ def interleave(steps: dict[str, Callable[[Any], Any]], batches: dict[str, Sequen
       if i >= warmup:
         times[name].append(clock() - start)
   return times
+
+
+def time_with_peer(step: Callable[[Any], Any], batches: Sequence, warmup: int,
+                   peer: "PeerProcess | None" = None) -> list[float]:
+  """Seconds of our `step(batch)` after the first `warmup`: alone (`bench.time_steps`), or, with
+  a peer, each batch in a round with the peer's step of the same index (`interleave`)."""
+  from ptuning.bench import time_steps
+  if peer is None:
+    return time_steps(step, batches, warmup)
+  return interleave({"ours": step, "peer": peer.step},
+                    {"ours": batches, "peer": range(len(batches))}, warmup)["ours"]
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
@@ -87,14 +97,12 @@ class PeerProcess:
   `RuntimeError` with the end of its stderr."""
 
   def __init__(self, module: str, flag: str, spec: dict):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    from ptuning.bench import worker_command
+    argv, env = worker_command(module, flag, dict(spec, paired=True))
     self._flag = flag
     self._stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would block the peer
-    self._proc = subprocess.Popen(
-        [sys.executable, "-m", module, flag, json.dumps(dict(spec, paired=True))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+    self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._stderr, text=True, env=env)
     self._expect(READY)
 
   def _fail(self, what: str) -> RuntimeError:
