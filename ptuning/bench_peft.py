@@ -30,7 +30,8 @@ def peft_worker(spec: dict) -> dict:
   torch.manual_seed(0)
   cfg = get_preset(spec["model"]).replace(dropout_rate=0.0)
   hf_config = transformers.T5Config(**t5_config_to_hf_dict(cfg))
-  model = transformers.T5ForConditionalGeneration(hf_config)
+  with dev:  # initialised where it runs: an XL model built on the host takes minutes
+    model = transformers.T5ForConditionalGeneration(hf_config)
   if not cfg.tie_embeddings:  # transformers 5 ties lm_head to shared at construction
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
   model = peft.get_peft_model(model, peft.PromptTuningConfig(
