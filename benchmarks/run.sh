@@ -5,6 +5,7 @@
 # memory: prompt tuning vs full fine-tuning with attention kept / recomputed and
 # with scan + full remat. inference: greedy decoding and rank scoring against transformers (same weights).
 # GPU figures (T5 1.1 XL on one H100 / H200): benchmarks/gpu.sh, run on the GPU machine.
+# GPU program without a GPU (kernel counts, layouts): benchmarks/gpu_hlo.py, with JAX's CUDA plugin.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from ptuning.model import mixed_einsum
+from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
 from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
@@ -65,7 +66,10 @@ def _dtypes(cfg: T5Config) -> dict:
 def apply_layer_prompt(x: Array, prompt: Array, mode: str, offset: int = 0) -> Array:
   """`x [B, L, E]`, `prompt [P, E] | [B, P, E]` -> x with rows `[:, offset:offset+P]` replaced /
   added to."""
-  prompt = jnp.broadcast_to(prompt.astype(x.dtype), (x.shape[0],) + prompt.shape[-2:])
+  prompt = prompt.astype(x.dtype)
+  if prompt.ndim == 2:  # shared by the batch: its gradient's batch sum as a matmul
+    prompt = broadcast_batch(prompt, x.shape[0])
+  prompt = jnp.broadcast_to(prompt, (x.shape[0],) + prompt.shape[-2:])
   end = offset + prompt.shape[1]
   rows = prompt if mode == "replace" else x[:, offset:end] + prompt
   pieces = ([x[:, :offset]] if offset else []) + [rows, x[:, end:]]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from ptuning.prompts import initializers
-from ptuning.prompts.method import Params
+from ptuning.prompts.method import Params, broadcast_rows
 from ptuning.prompts.vanilla import PromptTuning
 
 Array = jax.Array
@@ -80,8 +80,8 @@ def add_lowrank_rows(embeds: Array, rows: Array, method_name: str) -> Array:
     raise ValueError(f"{method_name}: encoder inputs of length {length} are longer than the "
                      f"low-rank update's max_length s={max_length}; set max_length >= {length} "
                      "(gin: LOWRANK_MAX_LENGTH) or shorten TASK_FEATURE_LENGTHS['inputs']")
-  updated = embeds.astype(jnp.float32) + rows[None, :length]
-  return updated.astype(embeds.dtype)
+  rows = broadcast_rows(rows[:length], embeds.shape[0], jnp.float32)
+  return (embeds.astype(jnp.float32) + rows).astype(embeds.dtype)
 
 
 def check_lowrank_config(rank: int, max_length: int, alpha: float) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
+from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
 from ptuning.model.t5 import EncoderDecoder
 from ptuning.prompts.mode_token import ModeToken, check_method, insert_rows
@@ -94,5 +95,6 @@ def prompted_logits(cfg: T5Config, method: PromptMethod | None, params: Params, 
 
 
 def broadcast_rows(rows: Array, batch: int, dtype) -> Array:
-  """`[P, E]` -> `[batch, P, E]` in `dtype`."""
-  return jnp.broadcast_to(rows.astype(dtype)[None], (batch,) + rows.shape)
+  """`[P, E]` -> `[batch, P, E]` in `dtype`; the gradient's batch sum is a matmul (see
+  `ptuning.model.batch_broadcast`)."""
+  return broadcast_batch(rows.astype(dtype), batch)

@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from ptuning.prompts import initializers
-from ptuning.prompts.method import Params
+from ptuning.prompts.method import Params, broadcast_rows
 from ptuning.prompts.vanilla import _PLACEMENTS
 
 Array = jax.Array
@@ -154,8 +154,7 @@ class PromptBank:
     rows = gather_rows(prompt["tasks"], task_ids)
     if self.combine == "per_task":
       return rows
-    shared = jnp.broadcast_to(prompt["shared"].astype(jnp.float32)[None],
-                              (rows.shape[0],) + prompt["shared"].shape)
+    shared = broadcast_rows(prompt["shared"], rows.shape[0], jnp.float32)
     return rows + shared if self.combine == "add" else jnp.concatenate([shared, rows], axis=1)
 
   def apply(self, params: Params, embeds: Array, mask: Array,
