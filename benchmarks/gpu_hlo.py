@@ -5,8 +5,8 @@ machine before spending GPU time; it times nothing.
 
 Needs JAX's CUDA plugin (`pip install "jax[cuda13]==<the pinned jax>"` in a separate virtual
 environment: about 4 GB; no GPU or driver needed) besides the repository's dependencies. Usage:
-  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_hlo.py [--layers 24] [--batch 32]
-      [--attention cudnn] [--hlo FILE]
+  JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_hlo.py [--method prompt_tuning]
+      [--layers 24] [--batch 32] [--attention cudnn] [--hlo FILE]
 Caveats: without a device there is no autotuning, and Triton's default GEMM tiling fails on
 some products, so Triton GEMM fusions are switched off (cuBLAS calls instead): matmul fusions and
 their neighbours differ from the real program, layouts and the other fusions do not (T5 1.1 XL
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
   p.add_argument("--inputs", type=int, default=512)
   p.add_argument("--targets", type=int, default=8)
   p.add_argument("--prompt", type=int, default=100)
+  p.add_argument("--method", default="prompt_tuning", help="as `ptuning bench --method`")
   p.add_argument("--attention", default="cudnn")
   p.add_argument("--param_dtype", default="bfloat16")
   p.add_argument("--hlo", default=None, help="write the compiled HLO here")
@@ -74,7 +75,7 @@ def main(argv=None) -> int:
   from jax.experimental import topologies
   from ptuning.model.config import get_preset
   from ptuning.plan import abstract_batch
-  from ptuning.prompts.vanilla import PromptTuning
+  from ptuning.bench_step import TRAINABLE_OVERRIDES, make_method
   from ptuning.train.experiment import TrainConfig, build_experiment
 
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
@@ -87,17 +88,20 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory() as tmp:
     exp = build_experiment(TrainConfig(
         model_dir=tmp, initial_checkpoint_path=None, model=cfg,
-        method=PromptTuning(length=args.prompt), batch_size=args.batch,
+        method=make_method(args.method, args.prompt, args.inputs)[0],
+        trainable_pattern=TRAINABLE_OVERRIDES.get(args.method), batch_size=args.batch,
         task_feature_lengths={"inputs": args.inputs, "targets": args.targets},
         dtype="bfloat16", dropout_rate=0.0, optimizer="adafactor"),
         devices=topology.devices, abstract=True)
   batch = abstract_batch(exp.config)
+  if args.method in ("prompt_bank", "mpt"):
+    batch["task_ids"] = jax.ShapeDtypeStruct((args.batch,), jax.numpy.int32)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=exp.replicated)
   start = time.perf_counter()
   compiled = exp.train_step_fn(batch).lower(exp.abstract_state, exp.frozen, batch, rng).compile()
   hlo = compiled.as_text()
   memory = compiled.memory_analysis()
-  print(f"{args.model} ({cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers), batch "
+  print(f"{args.method}, {args.model} ({cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers), batch "
         f"{args.batch}, inputs {args.inputs}, prompt {args.prompt}, attention {args.attention}, "
         f"params {args.param_dtype}: compiled for {topology.devices[0].device_kind} in "
         f"{time.perf_counter() - start:.0f} s | temp {memory.temp_size_in_bytes / 2**30:.1f} GiB")

@@ -211,7 +211,7 @@ class MPT:
     prompt = params["prompt"]
     w = jnp.einsum("bpr,bre->bpe", gather_rows(prompt["mpt_u"], task_ids),
                    gather_rows(prompt["mpt_v"], task_ids))
-    return prompt["shared"].astype(jnp.float32)[None] * w
+    return broadcast_rows(prompt["shared"], w.shape[0], jnp.float32) * w
 
   def apply(self, params: Params, embeds: Array, mask: Array,
             task_ids: Array | None = None) -> tuple[Array, Array]:
