@@ -24,10 +24,6 @@ import sys
 import tempfile
 import time
 
-os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_gpu_enable_triton_gemm=false").strip()
-
 H100_TARGET = """
 gpu_device_info {
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -71,6 +67,9 @@ def main(argv=None) -> int:
   p.add_argument("--hlo", default=None, help="write the compiled HLO here")
   args = p.parse_args(argv)
 
+  os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # set before JAX starts its backends
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_gpu_enable_triton_gemm=false").strip()
   import jax
   from jax.experimental import topologies
   from ptuning.model.config import get_preset

@@ -351,3 +351,35 @@ def test_bench_two_methods_side_by_side(tmp_path, capsys):
   assert match and float(match.group(1)) == pytest.approx(result["step_time_ratio"], abs=5e-4)
   with pytest.raises(SystemExit, match="compares two methods"):
     main(args + ["--vs", "dept"])
+
+
+def test_gpu_hlo_counts_the_entry_kernels_by_kind():
+  """`benchmarks/gpu_hlo.py` (the GPU program without a GPU) counts the entry computation's
+  kernels by name stem: fusions, library calls (tuple results too) and copies; parameters,
+  bitcasts and the bodies of fusions are not kernels."""
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_hlo.py"
+  spec = importlib.util.spec_from_file_location("gpu_hlo", path)
+  gpu_hlo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(gpu_hlo)
+  hlo = "\n".join([
+      "%fused_transpose.3 (p: bf16[4,6]) -> bf16[6,4] {",
+      "  %p = bf16[4,6]{1,0} parameter(0)",
+      "  ROOT %transpose.1 = bf16[6,4]{1,0} transpose(%p), dimensions={1,0}",
+      "}",
+      "",
+      "ENTRY %main.9 (x: bf16[4,6]) -> bf16[6,4] {",
+      "  %x = bf16[4,6]{1,0} parameter(0)",
+      "  %input_transpose_fusion.3 = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%fused_transpose.3",
+      "  %input_transpose_fusion.12 = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%fused_transpose.3",
+      "  %loop_add_fusion = bf16[4,6]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add",
+      "  %custom-call.4 = (bf16[4,4]{1,0}, s8[64]{0}) custom-call(%x, %x), "
+      'custom_call_target="__cublas$lt$matmul"',
+      "  %bitcast.2 = bf16[24]{0} bitcast(%x)",
+      "  %copy.1 = bf16[4,6]{0,1} copy(%x)",
+      "  ROOT %input_add_transpose_fusion = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%f",
+      "}"])
+  assert gpu_hlo.kernel_counts(hlo) == {"input_transpose_fusion": 2, "loop_add_fusion": 1,
+                                        "custom-call": 1, "copy": 1,
+                                        "input_add_transpose_fusion": 1}
