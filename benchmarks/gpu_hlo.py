@@ -100,7 +100,8 @@ def main(argv=None) -> int:
   compiled = exp.train_step_fn(batch).lower(exp.abstract_state, exp.frozen, batch, rng).compile()
   hlo = compiled.as_text()
   memory = compiled.memory_analysis()
-  print(f"{args.method}, {args.model} ({cfg.num_encoder_layers}+{cfg.num_decoder_layers} layers), batch "
+  print(f"{args.method}, {args.model} ({cfg.num_encoder_layers}+{cfg.num_decoder_layers} "
+        f"layers), batch "
         f"{args.batch}, inputs {args.inputs}, prompt {args.prompt}, attention {args.attention}, "
         f"params {args.param_dtype}: compiled for {topology.devices[0].device_kind} in "
         f"{time.perf_counter() - start:.0f} s | temp {memory.temp_size_in_bytes / 2**30:.1f} GiB")

@@ -371,8 +371,8 @@ def test_gpu_hlo_counts_the_entry_kernels_by_kind():
       "",
       "ENTRY %main.9 (x: bf16[4,6]) -> bf16[6,4] {",
       "  %x = bf16[4,6]{1,0} parameter(0)",
-      "  %input_transpose_fusion.3 = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%fused_transpose.3",
-      "  %input_transpose_fusion.12 = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%fused_transpose.3",
+      "  %input_transpose_fusion.3 = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%t",
+      "  %input_transpose_fusion.12 = bf16[6,4]{1,0} fusion(%x), kind=kInput, calls=%t",
       "  %loop_add_fusion = bf16[4,6]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add",
       "  %custom-call.4 = (bf16[4,4]{1,0}, s8[64]{0}) custom-call(%x, %x), "
       'custom_call_target="__cublas$lt$matmul"',
