@@ -1,7 +1,7 @@
 """GPU check of `--attention cudnn`: `flash_attention.fused_attention` (cuDNN flash attention in
 bfloat16) against `layers.dot_product_attention` in float32 on the same inputs, forward and
-gradients, for a bias shared over the batch `[1, H, T, S]` and a per-example one `[B, H, T, S]`
-(padding masks), each with the bias differentiated (cuDNN writes its gradient) and frozen (the
+gradients, for a bias shared over the batch `[1, H, T, S]`, a per-example one `[B, H, T, S]`
+(padding masks) and a shared one with the padding as key lengths (`PaddedBias`), each with the bias differentiated (cuDNN writes its gradient) and frozen (the
 call without a bias gradient: no `dbias` kernel). Prints relative errors and whether the compiled
 program really calls cuDNN. Usage (on a GPU machine): python benchmarks/gpu_attention_parity.py
 """
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptuning.model.flash_attention import fused_attention
+from ptuning.model.flash_attention import PaddedBias, fused_attention
 from ptuning.model.layers import MASK_VALUE, dot_product_attention
 
 B, T, S, H, D = 4, 256, 612, 8, 64
@@ -23,7 +23,9 @@ def relative_error(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def check(bias_batch: int, seed: int, bias_gradient: bool) -> bool:
+def check(bias_batch: int, seed: int, bias_gradient: bool, padded: bool = False) -> bool:
+  """`padded`: a bias shared by the batch with padding as key lengths (`PaddedBias`, what the
+  encoder passes), against float32 attention with the padding mask added to the bias."""
   keys = jax.random.split(jax.random.key(seed), 5)
   q, k, v = (jax.random.normal(keys[i], shape).astype(jnp.bfloat16)
              for i, shape in enumerate([(B, T, H, D), (B, S, H, D), (B, S, H, D)]))
@@ -31,19 +33,26 @@ def check(bias_batch: int, seed: int, bias_gradient: bool) -> bool:
   if bias_batch > 1:  # padding: the last keys of two examples are masked out
     bias = bias.at[1, :, :, 500:].set(MASK_VALUE).at[3, :, :, 300:].set(MASK_VALUE)
   cotangent = jax.random.normal(keys[4], (B, T, H, D))
+  lengths = jnp.array([S, 500, S, 300], jnp.int32)
+  pad = jnp.where(jnp.arange(S) < lengths[:, None], 0.0, MASK_VALUE)[:, None, None, :]
+  ours_attend, ref_attend = fused_attention, dot_product_attention
+  if padded:
+    ours_attend = lambda q, k, v, b: fused_attention(q, k, v, PaddedBias(b, lengths))
+    ref_attend = lambda q, k, v, b: dot_product_attention(q, k, v, b + pad)
 
   def loss(attend, dtype):
     return lambda q, k, v, b: jnp.sum(attend(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                              b).astype(jnp.float32) * cotangent)
 
   argnums = (0, 1, 2, 3) if bias_gradient else (0, 1, 2)
-  ours = jax.jit(jax.value_and_grad(loss(fused_attention, jnp.bfloat16), argnums=argnums))
-  ref = jax.jit(jax.value_and_grad(loss(dot_product_attention, jnp.float32), argnums=argnums))
+  ours = jax.jit(jax.value_and_grad(loss(ours_attend, jnp.bfloat16), argnums=argnums))
+  ref = jax.jit(jax.value_and_grad(loss(ref_attend, jnp.float32), argnums=argnums))
   hlo = ours.lower(q, k, v, bias).compile().as_text()
   calls_cudnn = "__cudnn$fmha" in hlo
   (out, grads), (out_ref, grads_ref) = ours(q, k, v, bias), ref(q, k, v, bias)
   errors = [relative_error(g, r) for g, r in zip(grads, grads_ref)]
-  print(f"bias [{bias_batch}, H, T, S], {'differentiated' if bias_gradient else 'frozen'}: "
+  print(f"bias [{bias_batch}, H, T, S]{' + key lengths' if padded else ''}, "
+        f"{'differentiated' if bias_gradient else 'frozen'}: "
         f"cuDNN call {calls_cudnn} | loss {float(out):.4f} vs {float(out_ref):.4f} | relative "
         f"error of grads " + " ".join(f"{n} {e:.2e}" for n, e in zip("qkv", errors)) +
         (f" bias {errors[3]:.2e}" if bias_gradient else ""), flush=True)
@@ -54,12 +63,13 @@ def check(bias_batch: int, seed: int, bias_gradient: bool) -> bool:
 if __name__ == "__main__":
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
   results = []
-  for bias_batch in (1, B):
+  for bias_batch, padded in ((1, False), (B, False), (1, True)):
     for bias_gradient in (True, False):
       try:
-        results.append(check(bias_batch, seed=bias_batch, bias_gradient=bias_gradient))
+        results.append(check(bias_batch, seed=bias_batch, bias_gradient=bias_gradient,
+                             padded=padded))
       except Exception as e:  # report which case cuDNN refuses, then check the others
-        print(f"bias [{bias_batch}, H, T, S], bias gradient {bias_gradient}: FAILED "
-              f"{type(e).__name__}: {str(e)[:600]}", flush=True)
+        print(f"bias [{bias_batch}, H, T, S], padded {padded}, bias gradient {bias_gradient}: "
+              f"FAILED {type(e).__name__}: {str(e)[:600]}", flush=True)
         results.append(False)
   sys.exit(0 if all(results) else 1)

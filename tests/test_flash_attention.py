@@ -28,7 +28,7 @@ def frozen_calls(monkeypatch):
   calls = []
   original = flash_attention._frozen_bias
   monkeypatch.setattr(flash_attention, "_frozen_bias",
-                      lambda impl: calls.append(impl) or original(impl))
+                      lambda impl, lengths: calls.append(impl) or original(impl, lengths))
   return calls
 
 
@@ -48,6 +48,40 @@ def test_fused_attention_matches_t5_attention_and_drops_only_an_unused_bias_grad
     assert frozen_calls == [] and float(jnp.abs(grads[3]).max()) > 0
   else:
     assert frozen_calls == ["xla"]  # on CPU; on a GPU in bfloat16 this is "cudnn"
+
+
+@pytest.mark.parametrize("bias_gradient", [False, True])
+def test_padding_by_key_lengths_matches_the_padding_mask_in_the_bias(frozen_calls, bias_gradient):
+  """`PaddedBias` (a bias shared by the batch plus key lengths, what the encoder passes for
+  'cudnn') gives the output and gradients of the `[B, H, T, S]` bias with the mask added; a
+  differentiated shared bias gets the batch sum of the full bias's gradient."""
+  q, k, v, _, cotangent = inputs()
+  position = 2.0 * jax.random.normal(jax.random.key(7), (1, H, T, S))
+  mask = jnp.arange(S) < jnp.array([[S], [7]])  # example 1: keys 7.. are padding
+  lengths = flash_attention.key_lengths_of(mask)
+  full = position + jnp.where(mask, 0.0, MASK_VALUE)[:, None, None, :]
+  argnums = (0, 1, 2, 3) if bias_gradient else (0, 1, 2)
+
+  def loss_padded(q, k, v, b):
+    return jnp.sum(flash_attention.fused_attention(
+        q, k, v, flash_attention.PaddedBias(b, lengths)) * cotangent)
+
+  loss_full = lambda q, k, v, b: jnp.sum(dot_product_attention(q, k, v, b) * cotangent)
+  out, grads = jax.value_and_grad(loss_padded, argnums)(q, k, v, position)
+  ref_out, ref_grads = jax.value_and_grad(loss_full, argnums)(q, k, v, full)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5)
+  for g, r in zip(grads[:3], ref_grads[:3]):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+  if bias_gradient:
+    assert grads[3].shape == (1, H, T, S) and frozen_calls == []
+    np.testing.assert_allclose(grads[3], ref_grads[3].sum(0, keepdims=True), rtol=1e-4, atol=1e-5)
+  else:
+    assert frozen_calls == ["xla"]
+
+
+def test_key_lengths_are_one_past_the_last_visible_key():
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(flash_attention.key_lengths_of(mask), [3, 5, 3, 1])
 
 
 def test_masked_keys_get_no_weight_in_bfloat16():
@@ -87,4 +121,4 @@ def test_the_pinned_jax_has_the_cudnn_primitive_we_call_without_a_bias_gradient(
   """The GPU path calls JAX's own cuDNN primitive by position; with the pinned JAX its parameters
   are the ones we pass (a JAX that changes them falls back to the public call, with a warning)."""
   assert flash_attention.private_cudnn_call_matches()
-  assert flash_attention._frozen_bias("cudnn") is flash_attention._cudnn_without_bias_gradient
+  assert flash_attention._frozen_bias("cudnn", None) is not None

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from ptuning.model import mixed_einsum
 from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
+from ptuning.model.flash_attention import PaddedBias, key_lengths_of
 from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
 
@@ -90,7 +91,7 @@ def _check_layer_prompts(layer_prompts: Array, mode: str, num_layers: int, embed
 
 
 class EncoderLayer(nn.Module):
-  """Pre-norm self-attention + MLP; `(x [B, L, E], bias [B|1, H, L, L]) -> (x, None)`.
+  """Pre-norm self-attention + MLP; `(x [B, L, E], bias [B|1, H, L, L] | PaddedBias) -> (x, None)`.
 
   `prompt [P, E] | [B, P, E]` (optional) first replaces / is added to
   `x[:, prompt_offset:prompt_offset+P]` (`prompt_mode`).
@@ -210,7 +211,10 @@ class Encoder(nn.Module):
                                 cfg.relative_attention_max_distance, bidirectional=True,
                                 param_dtype=jnp.dtype(cfg.param_dtype), name="relpos_bias")(
                                     positions, positions)
-    bias = bias + attention_mask_bias(None, mask)
+    if cfg.attention_impl == "cudnn":  # shared by the batch, padding as key lengths
+      bias = PaddedBias(bias, key_lengths_of(mask))
+    else:
+      bias = bias + attention_mask_bias(None, mask)
     x = nn.Dropout(cfg.dropout_rate)(embeds, deterministic=self.deterministic)
     x = constrain(x.astype(jnp.dtype(cfg.dtype)), ("batch", "length", "embed"))
     x = _stack(EncoderLayer, cfg, cfg.num_encoder_layers, 1, len(scanned_args),
