@@ -72,10 +72,10 @@ def main(argv=None) -> int:
                              " --xla_gpu_enable_triton_gemm=false").strip()
   import jax
   from jax.experimental import topologies
+  from ptuning.bench_step import train_config
   from ptuning.model.config import get_preset
   from ptuning.plan import abstract_batch
-  from ptuning.bench_step import TRAINABLE_OVERRIDES, make_method
-  from ptuning.train.experiment import TrainConfig, build_experiment
+  from ptuning.train.experiment import build_experiment
 
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
                                           topology="1x1x1")
@@ -84,14 +84,11 @@ def main(argv=None) -> int:
                                        param_dtype=args.param_dtype)
   if args.layers:
     cfg = cfg.replace(num_encoder_layers=args.layers, num_decoder_layers=args.layers)
+  spec = dict(model=args.model, method=args.method, prompt=args.prompt, inputs=args.inputs,
+              targets=args.targets, batch=args.batch, dtype="bfloat16")
   with tempfile.TemporaryDirectory() as tmp:
-    exp = build_experiment(TrainConfig(
-        model_dir=tmp, initial_checkpoint_path=None, model=cfg,
-        method=make_method(args.method, args.prompt, args.inputs)[0],
-        trainable_pattern=TRAINABLE_OVERRIDES.get(args.method), batch_size=args.batch,
-        task_feature_lengths={"inputs": args.inputs, "targets": args.targets},
-        dtype="bfloat16", dropout_rate=0.0, optimizer="adafactor"),
-        devices=topology.devices, abstract=True)
+    exp = build_experiment(train_config(spec, tmp, model=cfg), devices=topology.devices,
+                           abstract=True)
   batch = abstract_batch(exp.config)
   if args.method in ("prompt_bank", "mpt"):
     batch["task_ids"] = jax.ShapeDtypeStruct((args.batch,), jax.numpy.int32)

@@ -60,6 +60,25 @@ def step_flops(cfg, spec: dict) -> dict:
   return flops
 
 
+def train_config(spec: dict, model_dir: str, model=None):
+  """The `TrainConfig` of a bench spec: `model` (default: `spec['model']`'s preset with its
+  attention and parameter dtype), a random backbone, the method's prompt, Adafactor, dropout 0."""
+  from ptuning import sharding
+  from ptuning.model.config import get_preset
+  from ptuning.train.experiment import TrainConfig
+  if model is None:
+    model = get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute"),
+                                              param_dtype=spec.get("param_dtype", "float32"))
+  return TrainConfig(
+      model_dir=model_dir, initial_checkpoint_path=None, model=model,
+      method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
+      trainable_pattern=TRAINABLE_OVERRIDES.get(spec["method"]), batch_size=spec["batch"],
+      task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
+      dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
+      remat_policy=spec.get("remat", "none"), scan_layers=spec.get("scan_layers", False),
+      mesh=sharding.parse_mesh_spec(spec.get("mesh")))
+
+
 class CompiledStep:
   """`spec['method']`'s train step on `spec['model']`, compiled once; `step(batch)` runs it on one
   of `self.batches` (`[B, L]` encoder / `[B, T]` decoder int32, on the mesh), donating and
@@ -67,25 +86,12 @@ class CompiledStep:
 
   def __init__(self, spec: dict):
     import jax
-    from ptuning import sharding
     from ptuning.bench import random_batches
-    from ptuning.model.config import get_preset
     from ptuning.sharding import to_global_batch
-    from ptuning.train.experiment import TrainConfig, build_experiment
+    from ptuning.train.experiment import build_experiment
 
     with tempfile.TemporaryDirectory() as tmp:
-      self.exp = build_experiment(TrainConfig(
-          model_dir=tmp, initial_checkpoint_path=None,
-          model=get_preset(spec["model"]).replace(
-              attention_impl=spec.get("attention", "recompute"),
-              param_dtype=spec.get("param_dtype", "float32")),
-          method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],
-          trainable_pattern=TRAINABLE_OVERRIDES.get(spec["method"]),
-          batch_size=spec["batch"],
-          task_feature_lengths={"inputs": spec["inputs"], "targets": spec["targets"]},
-          dtype=spec["dtype"], dropout_rate=0.0, optimizer="adafactor",
-          remat_policy=spec.get("remat", "none"), scan_layers=spec.get("scan_layers", False),
-          mesh=sharding.parse_mesh_spec(spec["mesh"])))
+      self.exp = build_experiment(train_config(spec, tmp))
     self.batches = [to_global_batch(b, self.exp.mesh) for b in random_batches(
         spec["warmup"] + spec["steps"], spec["batch"], spec["inputs"], spec["targets"],
         self.exp.model.vocab_size,

@@ -44,12 +44,12 @@ def batch_sum(grad: Array, dtype) -> Array:
 
 
 def _fwd(rows, batch):
-  return broadcast_batch(rows, batch), jnp.zeros((0,), rows.dtype)  # the residual: the dtype
+  return broadcast_batch(rows, batch), None
 
 
-def _bwd(batch, dtype_carrier, grad):
+def _bwd(batch, _, grad):  # grad [B, *S] has the rows' dtype
   del batch
-  return (batch_sum(grad, dtype_carrier.dtype),)
+  return (batch_sum(grad, grad.dtype),)
 
 
 broadcast_batch.defvjp(_fwd, _bwd)

@@ -47,7 +47,7 @@ def key_lengths_of(mask: Array) -> Array:
   """`mask [B, K]` (1 = visible) -> `[B]` int32: one past each row's last visible key (at least
   1, so a row with no visible key attends to key 0 and stays finite, as with a mask bias)."""
   positions = jnp.arange(1, mask.shape[1] + 1, dtype=jnp.int32)
-  return jnp.maximum(jnp.max(jnp.where(mask > 0, positions, 0), axis=1), 1).astype(jnp.int32)
+  return jnp.maximum(jnp.max(jnp.where(mask > 0, positions, 0), axis=1), 1)
 
 
 def fused_attention(query: Array, key: Array, value: Array, bias: Array | PaddedBias) -> Array:
