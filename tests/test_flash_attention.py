@@ -81,6 +81,40 @@ def test_padding_by_key_lengths_matches_the_padding_mask_in_the_bias(frozen_call
     assert frozen_calls == ["xla"]
 
 
+@pytest.mark.parametrize("padded_bias", [False, True])
+@pytest.mark.parametrize("bias_gradient", [False, True])
+def test_odd_lengths_reach_the_kernel_even_and_give_the_unpadded_attention(
+    monkeypatch, padded_bias, bias_gradient):
+  """cuDNN's training kernels with a bias take even lengths only: 5 queries and 9 keys reach the
+  kernel as 6 and 10 (one masked key, one dropped query) with the outputs and gradients of the
+  unpadded attention, the bias's included, for a `[B, H, T, S]` bias and for a `PaddedBias`."""
+  shapes = []
+  original = flash_attention._attention
+  monkeypatch.setattr(flash_attention, "_attention",
+                      lambda q, k, v, b, *rest: shapes.append((q.shape, k.shape, b.shape))
+                      or original(q, k, v, b, *rest))
+  t, s = T - 1, S - 1
+  q, k, v, _, cotangent = inputs()
+  q, k, v, cotangent = q[:, :t], k[:, :s], v[:, :s], cotangent[:, :t]
+  position = 2.0 * jax.random.normal(jax.random.key(7), (1, H, t, s))
+  mask = jnp.arange(s) < jnp.array([[s], [6]])
+  full = position + jnp.where(mask, 0.0, MASK_VALUE)[:, None, None, :]
+  bias = flash_attention.PaddedBias(position, flash_attention.key_lengths_of(mask))
+  ours = (lambda q, k, v, b: flash_attention.fused_attention(q, k, v, bias._replace(position=b))
+          ) if padded_bias else flash_attention.fused_attention
+  argnums = (0, 1, 2, 3) if bias_gradient else (0, 1, 2)
+  loss = lambda attend: lambda q, k, v, b: jnp.sum(attend(q, k, v, b) * cotangent)
+  out, grads = jax.value_and_grad(loss(ours), argnums)(q, k, v, position if padded_bias else full)
+  ref_out, ref_grads = jax.value_and_grad(loss(dot_product_attention), argnums)(q, k, v, full)
+  assert shapes == [((B, T, H, D), (B, S, H, D), (1 if padded_bias else B, H, T, S))]
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    if g.shape != r.shape:  # a shared bias: the batch sum of the full bias's gradient
+      r = r.sum(0, keepdims=True)
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
 def test_key_lengths_are_one_past_the_last_visible_key():
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]])
   np.testing.assert_array_equal(flash_attention.key_lengths_of(mask), [3, 5, 3, 1])

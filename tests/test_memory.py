@@ -30,9 +30,10 @@ MODEL = T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_e
 BATCH, INPUTS, TARGETS, PROMPT = 4, 120, 4, 8
 
 
-def config(tmp_path, impl: str, method="prompt_tuning", dropout_rate=0.0) -> TrainConfig:
+def config(tmp_path, impl: str, method="prompt_tuning", dropout_rate=0.0,
+           prompt=PROMPT) -> TrainConfig:
   return TrainConfig(model_dir=str(tmp_path), model=MODEL.replace(attention_impl=impl),
-                     method=PromptTuning(length=PROMPT) if method == "prompt_tuning" else None,
+                     method=PromptTuning(length=prompt) if method == "prompt_tuning" else None,
                      batch_size=BATCH, dropout_rate=dropout_rate,
                      task_feature_lengths={"inputs": INPUTS, "targets": TARGETS})
 
@@ -68,15 +69,17 @@ def batch_of(seed: int = 0) -> dict:
           "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
 
 
-@pytest.mark.parametrize("method,dropout_rate,impl", [
-    ("prompt_tuning", 0.0, "recompute"), ("prompt_tuning", 0.2, "recompute"),
-    ("full_finetuning", 0.0, "recompute"), ("prompt_tuning", 0.0, "cudnn"),
-    ("full_finetuning", 0.0, "cudnn")])
-def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dropout_rate, impl):
+@pytest.mark.parametrize("method,dropout_rate,impl,prompt", [
+    ("prompt_tuning", 0.0, "recompute", PROMPT), ("prompt_tuning", 0.2, "recompute", PROMPT),
+    ("full_finetuning", 0.0, "recompute", PROMPT), ("prompt_tuning", 0.0, "cudnn", PROMPT),
+    ("prompt_tuning", 0.0, "cudnn", PROMPT - 1), ("full_finetuning", 0.0, "cudnn", PROMPT)])
+def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dropout_rate, impl,
+                                                            prompt):
   """... and so does 'cudnn' (`jax.nn.dot_product_attention`; its XLA implementation here, with
   the bias cast and masks clipped as for cuDNN; it has no dropout, see
-  tests/test_flash_attention.py)."""
-  exp = build_experiment(config(tmp_path, "plain", method, dropout_rate),
+  tests/test_flash_attention.py), also with an odd number of encoder positions (prompt 7 + 120
+  inputs: padded to even for cuDNN)."""
+  exp = build_experiment(config(tmp_path, "plain", method, dropout_rate, prompt),
                          devices=jax.devices()[:1])
   batch = batch_of()
   factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
