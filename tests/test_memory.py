@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ptuning import param_tree, plan
-from ptuning.model import layers
+from ptuning.model import flash_attention, layers
 from ptuning.model.config import T5Config
 from ptuning.model.layers import ACTIVATIONS, gated_activation
 from ptuning.prompts.method import prompted_logits
@@ -183,3 +183,22 @@ def test_dots_remat_saves_the_products_in_both_precisions(tmp_path, dtype):
   assert costs["dots"]["flops"] == pytest.approx(costs["none"]["flops"], rel=0.02)
   assert costs["full"]["flops"] > 1.1 * costs["none"]["flops"]
   assert costs["dots"]["temp"] < costs["none"]["temp"]
+
+
+def test_an_odd_encoder_input_is_padded_once_not_in_every_attention_call(tmp_path, monkeypatch):
+  """With 'cudnn', prompt 7 + 120 inputs (127 rows) reach every attention call as 128 (one masked
+  row added to the encoder input), so no call pads its queries, keys and values itself."""
+  exp = build_experiment(config(tmp_path, "cudnn", prompt=PROMPT - 1), devices=jax.devices()[:1])
+  lengths = []
+  original = flash_attention._even_lengths
+  monkeypatch.setattr(flash_attention, "_even_lengths",
+                      lambda q, k, *rest: lengths.append((q.shape[1], k.shape[1]))
+                      or original(q, k, *rest))
+  batch = batch_of()
+  params = param_tree.merge(exp.trainable_init, exp.frozen)
+  logits = prompted_logits(exp.spec.model, exp.spec.method, params,
+                           batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+  length = PROMPT - 1 + INPUTS + 1
+  assert logits.shape == (BATCH, TARGETS, MODEL.vocab_size)
+  assert lengths == ([(length, length)] * MODEL.num_encoder_layers
+                     + [(TARGETS, TARGETS), (TARGETS, length)] * MODEL.num_decoder_layers)

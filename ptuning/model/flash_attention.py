@@ -50,6 +50,17 @@ def key_lengths_of(mask: Array) -> Array:
   return jnp.maximum(jnp.max(jnp.where(mask > 0, positions, 0), axis=1), 1)
 
 
+def even_rows(embeds: Array, mask: Array) -> tuple[Array, Array]:
+  """`embeds [B, L, E]`, `mask [B, L]` -> `[B, L', E]`, `[B, L']` with L' = L rounded up to even:
+  an odd sequence gets one masked zero row at the end. Applied once to the encoder input (with
+  its mask, which the cross-attention reads too), it spares `fused_attention` padding each layer's
+  queries, keys and values to the even lengths cuDNN needs."""
+  if embeds.shape[1] % 2 == 0:
+    return embeds, mask
+  return (jnp.pad(embeds, ((0, 0), (0, 1), (0, 0))),
+          jnp.pad(mask, ((0, 0), (0, 1))))
+
+
 def fused_attention(query: Array, key: Array, value: Array, bias: Array | PaddedBias) -> Array:
   """`query [B, Q, H, D]`, `key`, `value [B, K, H, D]`, float32 `bias` broadcastable to
   `[B, H, Q, K]` (or a `PaddedBias`) -> `[B, Q, H, D]`, with T5's conventions: no logit

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from ptuning.model import mixed_einsum
 from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
-from ptuning.model.flash_attention import PaddedBias, key_lengths_of
+from ptuning.model.flash_attention import PaddedBias, even_rows, key_lengths_of
 from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
 
@@ -339,6 +339,8 @@ class EncoderDecoder(nn.Module):
 
   def forward_embeddings(self, embeds: Array, mask: Array, decoder_input_tokens: Array) -> Array:
     """`embeds [B, L, E]`, `mask [B, L]`, `decoder_input_tokens [B, T]` -> logits `[B, T, V]`."""
+    if self.cfg.attention_impl == "cudnn":
+      embeds, mask = even_rows(embeds, mask)
     return self.decode_logits(self.encode_embeddings(embeds, mask), mask, decoder_input_tokens)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array) -> Array:
