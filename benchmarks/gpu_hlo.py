@@ -6,7 +6,11 @@ machine before spending GPU time; it times nothing.
 Needs JAX's CUDA plugin (`pip install "jax[cuda13]==<the pinned jax>"` in a separate virtual
 environment: about 4 GB; no GPU or driver needed) besides the repository's dependencies. Usage:
   JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_hlo.py [--method prompt_tuning]
-      [--layers 24] [--batch 32] [--attention cudnn] [--hlo FILE]
+      [--layers 24] [--batch 32] [--attention cudnn] [--devices 8 --mesh data=4,model=2]
+      [--hlo FILE]
+It also prints a lower bound on the memory-bound kernels' traffic (the largest by kind; the
+cuBLAS calls' separate output conversions, `wrapped_convert`, are fused into Triton GEMMs on a
+real device) and, with `--devices N --mesh SPEC`, the collectives of a sharded step.
 Caveats: without a device there is no autotuning, and Triton's default GEMM tiling fails on
 some products, so Triton GEMM fusions are switched off (cuBLAS calls instead): matmul fusions and
 their neighbours differ from the real program, layouts and the other fusions do not (T5 1.1 XL
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import re
 import sys
@@ -40,6 +45,8 @@ runtime_version { major: 13 minor: 0 patch: 0 }
 device_description_str: "NVIDIA H100 80GB HBM3"
 """
 
+H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
+
 # '%input_transpose_fusion.12 = bf16[...] fusion(' -> 'input_transpose_fusion'
 _KERNEL = re.compile(r"^\s*(?:ROOT )?%([A-Za-z_\-$]+?)(?:\.\d+)* = .*? "
                      r"(fusion|custom-call|copy|transpose)\(")
@@ -50,6 +57,48 @@ def kernel_counts(hlo: str) -> collections.Counter:
   entry = hlo[hlo.index("\nENTRY"):]
   return collections.Counter(m.group(1) for line in entry.splitlines()
                              if (m := _KERNEL.match(line)))
+
+
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) (all-reduce|all-gather|"
+                         r"reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(?:, |$)")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string, tuples summed: 'bf16[32,612]{1,0}' -> 39168."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    width = 1 if dtype == "pred" else int(dtype.lstrip("bfsu")) // 8
+    total += width * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
+  """Collectives of the entry computation (async starts counted once): kind -> (count, bytes of
+  their results)."""
+  entry = hlo[hlo.index("\nENTRY"):]
+  found: dict[str, tuple[int, int]] = {}
+  for m in filter(None, map(_COLLECTIVE.match, entry.splitlines())):
+    count, size = found.get(m.group(2), (0, 0))
+    found[m.group(2)] = (count + 1, size + shape_bytes(m.group(1)))
+  return found
+
+
+def memory_bound_bytes(hlo: str) -> collections.Counter:
+  """Bytes each kind of memory-bound kernel of the entry computation reads and writes (its
+  operands' and results' sizes; fusions, copies and transposes, not library calls) by name stem:
+  a lower bound on their traffic, to weigh against the device's bandwidth."""
+  entry = hlo[hlo.index("\nENTRY"):]
+  shapes, moved = {}, collections.Counter()
+  for m in filter(None, map(_DEFINITION.match, entry.splitlines())):
+    name, shape, op, operands = m.groups()
+    shapes[name] = shape
+    if op in ("fusion", "copy", "transpose"):
+      stem = re.sub(r"(\.\d+)+$", "", name)
+      moved[stem] += shape_bytes(shape) + sum(
+          shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
+  return moved
 
 
 def main(argv=None) -> int:
@@ -64,6 +113,8 @@ def main(argv=None) -> int:
   p.add_argument("--method", default="prompt_tuning", help="as `ptuning bench --method`")
   p.add_argument("--attention", default="cudnn")
   p.add_argument("--param_dtype", default="bfloat16")
+  p.add_argument("--devices", type=int, default=1, help="H100s in the topology (one host)")
+  p.add_argument("--mesh", default=None, help="as `ptuning bench --mesh`, e.g. 'data=4,model=2'")
   p.add_argument("--hlo", default=None, help="write the compiled HLO here")
   args = p.parse_args(argv)
 
@@ -78,14 +129,14 @@ def main(argv=None) -> int:
   from ptuning.train.experiment import build_experiment
 
   topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
-                                          topology="1x1x1")
+                                          topology=f"1x1x{args.devices}")
   jax.default_backend = lambda: "gpu"  # what fused_attention asks while tracing on the host
   cfg = get_preset(args.model).replace(attention_impl=args.attention,
                                        param_dtype=args.param_dtype)
   if args.layers:
     cfg = cfg.replace(num_encoder_layers=args.layers, num_decoder_layers=args.layers)
   spec = dict(model=args.model, method=args.method, prompt=args.prompt, inputs=args.inputs,
-              targets=args.targets, batch=args.batch, dtype="bfloat16")
+              targets=args.targets, batch=args.batch, dtype="bfloat16", mesh=args.mesh)
   with tempfile.TemporaryDirectory() as tmp:
     exp = build_experiment(train_config(spec, tmp, model=cfg), devices=topology.devices,
                            abstract=True)
@@ -107,6 +158,13 @@ def main(argv=None) -> int:
   print(f"kernels: {sum(counts.values())}, of which layout transposes: {transposes}")
   for kind, n in counts.most_common():
     print(f"  {kind:45s} {n:5d}")
+  moved = memory_bound_bytes(hlo)
+  print(f"memory-bound kernels move at least {sum(moved.values()) / 1e9:.1f} GB per step "
+        f"({sum(moved.values()) / H100_BANDWIDTH * 1e3:.1f} ms at 3.35 TB/s); the most:")
+  for kind, n in moved.most_common(6):
+    print(f"  {kind:45s} {n / 1e9:6.1f} GB")
+  for kind, (n, size) in sorted(collective_bytes(hlo).items()):
+    print(f"collective {kind}: {n} per step, {size / 2**30:.2f} GiB of results per device")
   if args.hlo:
     with open(args.hlo, "w") as f:
       f.write(hlo)

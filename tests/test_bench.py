@@ -353,16 +353,21 @@ def test_bench_two_methods_side_by_side(tmp_path, capsys):
     main(args + ["--vs", "dept"])
 
 
-def test_gpu_hlo_counts_the_entry_kernels_by_kind():
-  """`benchmarks/gpu_hlo.py` (the GPU program without a GPU) counts the entry computation's
-  kernels by name stem: fusions, library calls (tuple results too) and copies; parameters,
-  bitcasts and the bodies of fusions are not kernels."""
+def gpu_hlo_module():
   import importlib.util
   from pathlib import Path
   path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_hlo.py"
   spec = importlib.util.spec_from_file_location("gpu_hlo", path)
   gpu_hlo = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(gpu_hlo)
+  return gpu_hlo
+
+
+def test_gpu_hlo_counts_the_entry_kernels_by_kind():
+  """`benchmarks/gpu_hlo.py` (the GPU program without a GPU) counts the entry computation's
+  kernels by name stem: fusions, library calls (tuple results too) and copies; parameters,
+  bitcasts and the bodies of fusions are not kernels."""
+  gpu_hlo = gpu_hlo_module()
   hlo = "\n".join([
       "%fused_transpose.3 (p: bf16[4,6]) -> bf16[6,4] {",
       "  %p = bf16[4,6]{1,0} parameter(0)",
@@ -383,3 +388,35 @@ def test_gpu_hlo_counts_the_entry_kernels_by_kind():
   assert gpu_hlo.kernel_counts(hlo) == {"input_transpose_fusion": 2, "loop_add_fusion": 1,
                                         "custom-call": 1, "copy": 1,
                                         "input_add_transpose_fusion": 1}
+
+
+def test_gpu_hlo_weighs_memory_bound_kernels_and_collectives_by_bytes():
+  """Memory-bound kernels (fusions, copies; not library calls) move their operands' and results'
+  bytes, tuples included; collectives are counted once per async start, with their results'
+  bytes; the bodies of fused computations count for nothing."""
+  gpu_hlo = gpu_hlo_module()
+  assert gpu_hlo.shape_bytes("bf16[32,612]{1,0}") == 32 * 612 * 2
+  assert gpu_hlo.shape_bytes("(f32[4]{0}, pred[8]{0}, s8[3])") == 16 + 8 + 3
+  hlo = "\n".join([
+      "%fused_add (p: f32[4,8]) -> f32[4,8] {",
+      "  %p = f32[4,8]{1,0} parameter(0)",
+      "  ROOT %add.9 = f32[4,8]{1,0} add(%p, %p)",
+      "}",
+      "",
+      "ENTRY %main.3 (x: f32[4,8], w: bf16[8,8]) -> f32[4,8] {",
+      "  %x = f32[4,8]{1,0} parameter(0)",
+      "  %w = bf16[8,8]{1,0} parameter(1)",
+      "  %loop_add_fusion.2 = f32[4,8]{1,0} fusion(%x, %x), kind=kLoop, calls=%fused_add",
+      "  %loop_add_fusion.7.1 = (f32[4,8]{1,0}, bf16[4,8]{1,0}) fusion(%x), kind=kLoop, calls=%f",
+      "  %custom-call.1 = (f32[4,8]{1,0}, s8[64]{0}) custom-call(%x, %w), "
+      'custom_call_target="__cublas$gemm"',
+      "  %copy.4 = bf16[8,8]{0,1} copy(%w)",
+      "  %all-reduce-start = f32[4,8]{1,0} all-reduce-start(%loop_add_fusion.2), "
+      "replica_groups={{0,1}}, to_apply=%sum",
+      "  %all-reduce-done = f32[4,8]{1,0} all-reduce-done(%all-reduce-start)",
+      "  %all-gather.3 = bf16[16,8]{1,0} all-gather(%w), dimensions={0}",
+      "  ROOT %add.1 = f32[4,8]{1,0} add(%all-reduce-done, %x)",
+      "}"])
+  moved = gpu_hlo.memory_bound_bytes(hlo)
+  assert moved == {"loop_add_fusion": (128 + 2 * 128) + (128 + 64 + 128), "copy": 128 + 128}
+  assert gpu_hlo.collective_bytes(hlo) == {"all-reduce": (1, 128), "all-gather": (1, 256)}
