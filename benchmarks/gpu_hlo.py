@@ -47,22 +47,24 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 
-# '%input_transpose_fusion.12 = bf16[...] fusion(' -> 'input_transpose_fusion'
-_KERNEL = re.compile(r"^\s*(?:ROOT )?%([A-Za-z_\-$]+?)(?:\.\d+)* = .*? "
-                     r"(fusion|custom-call|copy|transpose)\(")
-
-
-def kernel_counts(hlo: str) -> collections.Counter:
-  """Kernels of the entry computation (fusions, library calls, copies) by name stem."""
-  entry = hlo[hlo.index("\nENTRY"):]
-  return collections.Counter(m.group(1) for line in entry.splitlines()
-                             if (m := _KERNEL.match(line)))
-
-
-_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) (all-reduce|all-gather|"
-                         r"reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 _DEFINITION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(?:, |$)")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+KERNEL_OPS = ("fusion", "custom-call", "copy", "transpose")  # what launches a kernel
+MEMORY_BOUND_OPS = ("fusion", "copy", "transpose")  # kernels that are not library calls
+COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                  "collective-permute")
+
+
+def entry_definitions(hlo: str):
+  """`(name, shape, op, operands)` of each instruction of the entry computation (not the bodies
+  of fused computations)."""
+  entry = hlo[hlo.index("\nENTRY"):]
+  return [m.groups() for m in map(_DEFINITION.match, entry.splitlines()) if m]
+
+
+def stem(name: str) -> str:
+  """'input_transpose_fusion.12' (or '.7.1') -> 'input_transpose_fusion'."""
+  return re.sub(r"(\.\d+)+$", "", name)
 
 
 def shape_bytes(shape: str) -> int:
@@ -74,14 +76,21 @@ def shape_bytes(shape: str) -> int:
   return total
 
 
+def kernel_counts(hlo: str) -> collections.Counter:
+  """Kernels of the entry computation (fusions, library calls, copies) by name stem."""
+  return collections.Counter(stem(name) for name, _, op, _ in entry_definitions(hlo)
+                             if op in KERNEL_OPS)
+
+
 def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
   """Collectives of the entry computation (async starts counted once): kind -> (count, bytes of
   their results)."""
-  entry = hlo[hlo.index("\nENTRY"):]
   found: dict[str, tuple[int, int]] = {}
-  for m in filter(None, map(_COLLECTIVE.match, entry.splitlines())):
-    count, size = found.get(m.group(2), (0, 0))
-    found[m.group(2)] = (count + 1, size + shape_bytes(m.group(1)))
+  for _, shape, op, _ in entry_definitions(hlo):
+    kind = op.removesuffix("-start")
+    if kind in COLLECTIVE_OPS:
+      count, size = found.get(kind, (0, 0))
+      found[kind] = (count + 1, size + shape_bytes(shape))
   return found
 
 
@@ -89,14 +98,11 @@ def memory_bound_bytes(hlo: str) -> collections.Counter:
   """Bytes each kind of memory-bound kernel of the entry computation reads and writes (its
   operands' and results' sizes; fusions, copies and transposes, not library calls) by name stem:
   a lower bound on their traffic, to weigh against the device's bandwidth."""
-  entry = hlo[hlo.index("\nENTRY"):]
   shapes, moved = {}, collections.Counter()
-  for m in filter(None, map(_DEFINITION.match, entry.splitlines())):
-    name, shape, op, operands = m.groups()
+  for name, shape, op, operands in entry_definitions(hlo):
     shapes[name] = shape
-    if op in ("fusion", "copy", "transpose"):
-      stem = re.sub(r"(\.\d+)+$", "", name)
-      moved[stem] += shape_bytes(shape) + sum(
+    if op in MEMORY_BOUND_OPS:
+      moved[stem(name)] += shape_bytes(shape) + sum(
           shape_bytes(shapes.get(o, "")) for o in re.findall(r"%([\w.\-]+)", operands))
   return moved
 

@@ -179,6 +179,13 @@ def _stack(layer_cls, cfg: T5Config, num_layers: int, num_broadcast_args: int,
   return apply
 
 
+def encoder_rows(cfg: T5Config, embeds: Array, mask: Array) -> tuple[Array, Array]:
+  """The encoder's input rows as the attention wants them: `embeds [B, L, E]`, `mask [B, L]`
+  unchanged, or with `attention_impl='cudnn'` one masked row more if L is odd
+  (`flash_attention.even_rows`: cuDNN takes even lengths)."""
+  return even_rows(embeds, mask) if cfg.attention_impl == "cudnn" else (embeds, mask)
+
+
 def attention_mask_bias(query_mask: Array | None, key_mask: Array) -> Array:
   """`key_mask [B, K]` (1 = visible) -> additive float32 bias `[B, 1, 1, K]`."""
   del query_mask  # Padded queries attend normally; their outputs are ignored downstream.
@@ -339,8 +346,7 @@ class EncoderDecoder(nn.Module):
 
   def forward_embeddings(self, embeds: Array, mask: Array, decoder_input_tokens: Array) -> Array:
     """`embeds [B, L, E]`, `mask [B, L]`, `decoder_input_tokens [B, T]` -> logits `[B, T, V]`."""
-    if self.cfg.attention_impl == "cudnn":
-      embeds, mask = even_rows(embeds, mask)
+    embeds, mask = encoder_rows(self.cfg, embeds, mask)
     return self.decode_logits(self.encode_embeddings(embeds, mask), mask, decoder_input_tokens)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array) -> Array:

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 
 from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
-from ptuning.model.flash_attention import even_rows
-from ptuning.model.t5 import EncoderDecoder
+from ptuning.model.t5 import EncoderDecoder, encoder_rows
 from ptuning.prompts.mode_token import ModeToken, check_method, insert_rows
 
 Array = jax.Array
@@ -54,7 +53,7 @@ def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, 
   `mode_token` (ptuning/prompts/mode_token.py; None or no ids: none): its k ids are embedded
   with the backbone's token embedding `[B, k, E]` and inserted (mask 1) before the method's P
   prompt rows or between them and the inputs; deep prompts then act on rows `[k:k+P]` or `[:P]`.
-  With `attention_impl='cudnn'` an odd L' gets one more, masked, row (`flash_attention.even_rows`).
+  With `attention_impl='cudnn'` an odd L' gets one more, masked, row (`t5.encoder_rows`).
   """
   deterministic = rng is None
   model = EncoderDecoder(cfg, deterministic=deterministic)
@@ -75,8 +74,7 @@ def prompted_encode(cfg: T5Config, method: PromptMethod | None, params: Params, 
     at = 0 if mode_token.position == "before_prompt" else prompt_rows
     embeds, mask = insert_rows(embeds, mask, mode_embeds, at)
     offset = mode_token.layer_prompt_offset
-  if cfg.attention_impl == "cudnn":  # cuDNN takes even lengths: one masked row, not one per layer
-    embeds, mask = even_rows(embeds, mask)
+  embeds, mask = encoder_rows(cfg, embeds, mask)  # 'cudnn': even lengths, once, not per layer
   mode = getattr(method, "layer_prompt_mode", "replace")
   rngs = None if deterministic else {"dropout": rng}
   encoded = model.apply(backbone, embeds, mask, layer_prompts, mode, offset,
