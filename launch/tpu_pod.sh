@@ -26,6 +26,9 @@
 #   PIP_EXTRAS        extras installed on the workers (default tpu)
 #   LOG_FILE          local file that also receives the streamed output
 #                     (default logs/$TPU_NAME-<date>.log)
+#   JAX_COMPILATION_CACHE_DIR  passed on to every worker: JAX's persistent compilation cache
+#                     (e.g. gs://bucket/xla_cache), so that a resumed or repeated run loads its
+#                     compiled step instead of compiling it again (default: no cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,6 +93,10 @@ mkdir -p "$(dirname "$LOG_FILE")"
 # The same command on every worker; the arguments are quoted for the remote shell. Each worker
 # records its pid (for ACTION=stop) and writes its own log, run.log in REMOTE_DIR.
 printf -v command '%q ' "$@"
+cache_env=""
+if [[ -n "${JAX_COMPILATION_CACHE_DIR:-}" ]]; then
+  printf -v cache_env 'JAX_COMPILATION_CACHE_DIR=%q ' "$JAX_COMPILATION_CACHE_DIR"
+fi
 echo "running on all workers of $TPU_NAME: ptuning $command (log: $LOG_FILE)"
-on_all_workers "cd $REMOTE_DIR && { .venv/bin/python -m ptuning $command > >(tee run.log) 2>&1 &
+on_all_workers "cd $REMOTE_DIR && { ${cache_env}.venv/bin/python -m ptuning $command > >(tee run.log) 2>&1 &
   pid=\$!; echo \$pid > ~/ptuning.pid; wait \$pid; }" 2>&1 | tee "$LOG_FILE"

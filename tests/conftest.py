@@ -1,11 +1,25 @@
-"""Test set-up: 8 fake CPU devices (set before jax is imported) and paths to shared data."""
+"""Test set-up: 8 fake CPU devices (set before jax is imported), one XLA compilation cache per
+test run, and paths to shared data."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# JAX's persistent compilation cache, fresh for each run and shared by the xdist workers and the
+# commands tests launch (they inherit the environment): the many identical tiny programs compile
+# once per run. Results do not change (an entry is keyed by the program, its devices, the XLA
+# flags and the jaxlib version); in-memory jit caches, which the compile-once test counts, are
+# untouched. The controller made it, so the controller removes it (pytest_sessionfinish).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ptuning-tests-xla-cache-")
+  os.environ["PTUNING_TESTS_OWN_XLA_CACHE"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from pathlib import Path  # noqa: E402
 
@@ -19,3 +33,8 @@ def shared_data() -> Path:
   if not SHARED_DATA.is_dir():
     raise FileNotFoundError(f"{SHARED_DATA} is missing: CI places ../shared beside the repository")
   return SHARED_DATA
+
+
+def pytest_sessionfinish(session):
+  if os.environ.get("PTUNING_TESTS_OWN_XLA_CACHE") == str(os.getpid()):
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

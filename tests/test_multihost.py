@@ -207,3 +207,34 @@ def test_launch_scripts_parse(script):
                "slurm_gpu.sbatch": ("PROCESSES_PER", "COORDINATOR_PORT", "PTUNING_DIR"),
                "demo.sh": ()}[script]:
     assert name in header, f"{script} does not document {name} at its top"
+
+
+def test_tpu_pod_launcher_runs_the_command_on_the_workers_with_the_compilation_cache(tmp_path):
+  """launch/tpu_pod.sh against a stand-in `gcloud` that runs the ssh command in a local
+  directory: the arguments arrive intact (spaces, quotes) and JAX_COMPILATION_CACHE_DIR is
+  passed on to the workers."""
+  bin_dir, remote = tmp_path / "bin", tmp_path / "home" / "ptuning"
+  (remote / ".venv" / "bin").mkdir(parents=True)
+  bin_dir.mkdir()
+  fake_python = remote / ".venv" / "bin" / "python"
+  fake_python.write_text('#!/usr/bin/env bash\nprintf "cache=%s\\n" "$JAX_COMPILATION_CACHE_DIR"\n'
+                         'printf "arg=%s\\n" "$@"\n')
+  gcloud = bin_dir / "gcloud"  # describe: the VM exists; scp: no-op; ssh: runs the run command
+  gcloud.write_text('#!/usr/bin/env bash\necho "$*" >> "$HOME/gcloud.log"\n'
+                    'for a in "$@"; do case $a in --command=*"-m ptuning"*) '
+                    'cd "$HOME" && env -i HOME="$HOME" PATH="$PATH" bash -c "${a#--command=}";; '
+                    'esac; done\n')  # a worker's shell: none of the local environment
+  for script in (fake_python, gcloud):
+    script.chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", HOME=str(tmp_path / "home"),
+             TPU_NAME="pt-test", ZONE="us-central2-b", LOG_FILE=str(tmp_path / "run.log"),
+             JAX_COMPILATION_CACHE_DIR="gs://bucket/xla cache")
+  result = subprocess.run(["bash", str(LAUNCHER.parent / "tpu_pod.sh"), "train",
+                           "--gin.MODEL_DIR=gs://bucket/run", "--gin.NAME='a b'"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr
+  out = (tmp_path / "run.log").read_text().splitlines()
+  assert out[-6:] == ["cache=gs://bucket/xla cache", "arg=-m", "arg=ptuning", "arg=train",
+                      "arg=--gin.MODEL_DIR=gs://bucket/run", "arg=--gin.NAME='a b'"], out
+  assert "reusing TPU VM pt-test" in result.stdout
+  assert (tmp_path / "home" / "ptuning.pid").is_file()
