@@ -3,16 +3,25 @@
 # prompt 100, targets 8, on one H100 / H200, against HF PEFT on the same GPU.
 # Usage, on the GPU machine from the repository root (its python3 holding jax[cuda], flax, optax,
 # torch, transformers, peft; gin and seqio are not needed):
-#   OUT=/some/dir bash benchmarks/gpu.sh            # FULL=1 adds the scan and default variants
-# Writes OUT/gpu_<card>_t5_1_1_xl_*.json (card: h100, h200, ...), the profiled step's trace and
-# HLO (gzip), and prints each run. PEFT needs about 118 GiB at batch 32 (measured on an H200): on
-# a card with less, the figure of record runs ours alone (PEFT's out-of-memory attempt cost device
-# time) and a second pair runs both at batch 16. About 6-7 minutes on an H100 without FULL=1.
+#   OUT=/some/dir STEPS="parity record barrier" bash benchmarks/gpu.sh
+# STEPS (default: all four, in this order):
+#   parity   cuDNN flash attention against float32 XLA attention, small shapes (under a minute)
+#   record   the figure of record: cuDNN attention, bfloat16 backbone, layers unrolled; PEFT
+#            beside it on cards that hold PEFT at batch 32 (about 118 GiB: an H200); profiled
+#   barrier  the same with --norm_barrier (T5Config.norm_barrier), ours alone, profiled
+#   peer     on cards under 100 GiB (an H100): ours and PEFT at batch 16
+# and FULL=1 adds the scan and default variants. Writes OUT/gpu_<card>_t5_1_1_xl_*.json (card:
+# h100, h200, ...), each profiled step's trace and HLO (gzip), and prints each run.
+# Time: one bench run of ours took about 4 minutes on an H100 (2026-11-27: record, profiled), and
+# the batch-16 pair with PEFT more than 4; a device command is limited to 10 minutes, so run
+# STEPS="parity record barrier" in one command and STEPS=peer in another.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-benchmarks}
+STEPS=" ${STEPS:-parity record barrier peer} "
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -i -E 'h100|h200|a100|b200|gh200|l40s' | head -1 | tr 'A-Z' 'a-z')
 memory_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
@@ -24,32 +33,43 @@ G="$OUT/gpu_${card:-gpu}_t5_1_1_xl"
 'transformers', transformers.__version__, 'peft', peft.__version__, jax.devices())"
 XL="--model t5_1_1_xl --inputs 512 --targets 8 --prompt 100 --dtype bfloat16 --steps 8 --warmup 2"
 FAST="--attention cudnn --param_dtype bfloat16"
-# 1. cuDNN flash attention against float32 XLA attention, small shapes (seconds).
-timeout 90 "$PY" benchmarks/gpu_attention_parity.py
-# 2. The figure of record: cuDNN flash attention, bfloat16 backbone, layers unrolled; PEFT beside
-# it where it fits; profiled (trace and HLO kept).
-VS_PEFT="--vs peft"
-[ "$small_card" = 1 ] && VS_PEFT=""
-# shellcheck disable=SC2086
-timeout 300 "$PY" -m ptuning.bench $XL --batch 32 $FAST $VS_PEFT \
-  --profile /tmp/ptuning_gpu_profile --json "${G}_cudnn_bf16_params.json"
-trace=$(ls -t /tmp/ptuning_gpu_profile/plugins/profile/*/*.xplane.pb 2>/dev/null | head -1)
-if [ -n "$trace" ]; then
-  gzip -c "$trace" > "$OUT/gpu_${card:-gpu}_profile.xplane.pb.gz"
-  gzip -c /tmp/ptuning_gpu_profile/step.hlo.txt > "$OUT/gpu_${card:-gpu}_profile.hlo.txt.gz"
+# keep_profile DIR NAME: the newest trace under DIR and its HLO, gzipped into OUT.
+keep_profile() {
+  local trace
+  trace=$(ls -t "$1"/plugins/profile/*/*.xplane.pb 2>/dev/null | head -1)
+  if [ -n "$trace" ]; then
+    gzip -c "$trace" > "$OUT/gpu_${card:-gpu}_$2.xplane.pb.gz"
+    gzip -c "$1/step.hlo.txt" > "$OUT/gpu_${card:-gpu}_$2.hlo.txt.gz"
+  fi
+}
+if want parity; then
+  timeout 90 "$PY" benchmarks/gpu_attention_parity.py
 fi
-# 3. Where PEFT cannot hold batch 32 (under 100 GiB), both at batch 16.
-if [ "$small_card" = 1 ]; then
+if want record; then
+  VS_PEFT="--vs peft"
+  [ "$small_card" = 1 ] && VS_PEFT=""
   # shellcheck disable=SC2086
-  timeout 240 "$PY" -m ptuning.bench $XL --batch 16 $FAST --vs peft \
+  timeout 330 "$PY" -m ptuning.bench $XL --batch 32 $FAST $VS_PEFT \
+    --profile /tmp/ptuning_gpu_profile --json "${G}_cudnn_bf16_params.json"
+  keep_profile /tmp/ptuning_gpu_profile profile
+fi
+if want barrier; then
+  # shellcheck disable=SC2086
+  timeout 270 "$PY" -m ptuning.bench $XL --batch 32 $FAST --norm_barrier \
+    --profile /tmp/ptuning_gpu_profile_barrier --json "${G}_cudnn_bf16_params_norm_barrier.json"
+  keep_profile /tmp/ptuning_gpu_profile_barrier norm_barrier_profile
+fi
+if want peer && [ "$small_card" = 1 ]; then
+  # shellcheck disable=SC2086
+  timeout 420 "$PY" -m ptuning.bench $XL --batch 16 $FAST --vs peft \
     --json "${G}_cudnn_bf16_params_batch16.json"
 fi
 [ "${FULL:-0}" = 1 ] || exit 0
-# 4. What each choice adds: the same with scan over layers; the defaults (XLA attention with
+# What each choice adds: the same with scan over layers; the defaults (XLA attention with
 # recomputed probabilities, float32 backbone), scanned, against PEFT.
 # shellcheck disable=SC2086
-timeout 150 "$PY" -m ptuning.bench $XL --batch 32 $FAST --scan_layers \
+timeout 270 "$PY" -m ptuning.bench $XL --batch 32 $FAST --scan_layers \
   --json "${G}_cudnn_bf16_params_scan.json"
 # shellcheck disable=SC2086
-timeout 240 "$PY" -m ptuning.bench $XL --batch 32 --scan_layers --vs peft \
+timeout 420 "$PY" -m ptuning.bench $XL --batch 32 --scan_layers --vs peft \
   --json "${G}_defaults_scan.json"

@@ -184,7 +184,11 @@ def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
 
   hardware = hardware_info(spec["dtype"])
   rss_before = peak_rss_bytes()
+  start = time.perf_counter()
   step = CompiledStep(spec)  # the one compiled executable, every step; the state is donated
+  # Printed as it happens, so that a run stopped by a time limit still says where time went.
+  print(f"ours: built and compiled in {time.perf_counter() - start:.1f} s (compile "
+        f"{step.compile_s:.1f} s); timing {spec['warmup']} + {spec['steps']} steps", flush=True)
   build_rss = peak_rss_bytes()
   steps_rss = reset_peak_rss()  # from here: the training steps' peak, after build and compile
   out = _summary(time_with_peer(step, step.batches, spec["warmup"], peer), flops, spec)
@@ -259,7 +263,8 @@ def run(args) -> int:
   from ptuning.model.config import get_preset
   spec = {k: getattr(args, k) for k in ("model", "batch", "inputs", "targets", "prompt", "steps",
                                         "warmup", "dtype", "method", "mesh", "remat",
-                                        "scan_layers", "attention", "param_dtype", "paired")}
+                                        "scan_layers", "attention", "param_dtype", "norm_barrier",
+                                        "paired")}
   if args.vs in METHODS:  # two of our methods, side by side in this process
     if args.profile:
       raise SystemExit("--profile traces one method: leave out --vs, or use --vs peft")
@@ -359,6 +364,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--attention", default="recompute", choices=("recompute", "plain", "cudnn"),
                  help="attention backward: recompute probabilities (default) or keep them; "
                  "cudnn: flash attention (jax.nn.dot_product_attention) on a GPU in bfloat16")
+  p.add_argument("--norm_barrier", action="store_true",
+                 help="each norm's output behind an optimization barrier (T5Config.norm_barrier)")
   p.add_argument("--vs", default=None, choices=("peft",) + METHODS,
                  help="peft: also time HF PEFT prompt tuning (PyTorch); a method: time it and "
                  "--method side by side, in alternating rounds (ptuning/bench_methods.py)")

@@ -202,3 +202,40 @@ def test_an_odd_encoder_input_is_padded_once_not_in_every_attention_call(tmp_pat
   assert logits.shape == (BATCH, TARGETS, MODEL.vocab_size)
   assert lengths == ([(length, length)] * MODEL.num_encoder_layers
                      + [(TARGETS, TARGETS), (TARGETS, length)] * MODEL.num_decoder_layers)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "full_finetuning"])
+def test_norm_barrier_keeps_every_norm_output_whole_and_changes_no_number(tmp_path, method):
+  """`T5Config.norm_barrier`: every RMSNorm's output stands behind an optimization barrier in the
+  lowered step (so a GPU compiler cannot fuse the scaling into the GEMMs that read it), and
+  logits, loss and gradients are those of the model without it (bfloat16 activations)."""
+  cfg = config(tmp_path, "cudnn", method)
+  cfg = dataclasses.replace(cfg, model=cfg.model.replace(dtype="bfloat16"), dtype="bfloat16")
+  exp = build_experiment(cfg, devices=jax.devices()[:1])
+  batch = batch_of()
+  factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
+  norms = 2 * MODEL.num_encoder_layers + 1 + 3 * MODEL.num_decoder_layers + 1
+  results = {}
+  for barrier in (False, True):
+    spec = dataclasses.replace(exp.spec, model=exp.model.replace(norm_barrier=barrier))
+    grad_fn = jax.jit(jax.grad(lambda t, f, b, w: loss_and_metrics(t, f, b, None, spec, factor, w),
+                               has_aux=True))
+    lowered = grad_fn.lower(exp.trainable_init, exp.frozen, batch, weights)
+    assert lowered.as_text().count("optimization_barrier") >= (norms if barrier else 0), barrier
+    assert barrier or "optimization_barrier" not in lowered.as_text()
+    grads, metrics = grad_fn(exp.trainable_init, exp.frozen, batch, weights)
+    params = param_tree.merge(exp.trainable_init, exp.frozen)
+    logits = jax.jit(lambda p, e, d: prompted_logits(spec.model, spec.method, p, e, d, None))(
+        params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
+    results[barrier] = (np.asarray(logits, np.float32), float(metrics["loss"]), grads)
+  (logits_0, loss_0, grads_0), (logits_1, loss_1, grads_1) = results[False], results[True]
+  # Bit for bit on CPU, where XLA removes the barriers before fusing anything (a GPU compiler
+  # removes them after fusion and scheduling).
+  np.testing.assert_array_equal(logits_1, logits_0)
+  assert loss_1 == loss_0
+  flat_0, flat_1 = jax.tree.leaves_with_path(grads_0), jax.tree.leaves(grads_1)
+  assert len(flat_0) == len(flat_1) and len(flat_0) >= (1 if method == "prompt_tuning" else 30)
+  for (path, g_0), g_1 in zip(flat_0, flat_1):
+    assert np.abs(np.asarray(g_0, np.float32)).max() > 0, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(g_1), np.asarray(g_0),
+                                  err_msg=jax.tree_util.keystr(path))

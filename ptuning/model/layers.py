@@ -41,11 +41,17 @@ def kernel_init(scale: float = 1.0) -> Callable:
 
 
 class RMSNorm(nn.Module):
-  """T5 layer norm: no mean subtraction, no bias. `[..., embed] -> [..., embed]`."""
+  """T5 layer norm: no mean subtraction, no bias. `[..., embed] -> [..., embed]`.
+
+  `output_barrier` puts the (unchanged) output behind `jax.lax.optimization_barrier`, so that
+  XLA computes it once in the norm's own kernel instead of fusing the scaling into the
+  prologue of every projection that reads it (`T5Config.norm_barrier`).
+  """
 
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  output_barrier: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -53,7 +59,8 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(variance + self.epsilon)
-    return y.astype(self.dtype) * scale.astype(self.dtype)
+    y = y.astype(self.dtype) * scale.astype(self.dtype)
+    return jax.lax.optimization_barrier(y) if self.output_barrier else y
 
 
 class Dense(nn.Module):

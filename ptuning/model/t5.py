@@ -64,6 +64,11 @@ def _dtypes(cfg: T5Config) -> dict:
   return dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
 
 
+def _norm(cfg: T5Config, name: str) -> RMSNorm:
+  return RMSNorm(cfg.layer_norm_epsilon, output_barrier=cfg.norm_barrier, name=name,
+                 **_dtypes(cfg))
+
+
 def apply_layer_prompt(x: Array, prompt: Array, mode: str, offset: int = 0) -> Array:
   """`x [B, L, E]`, `prompt [P, E] | [B, P, E]` -> x with rows `[:, offset:offset+P]` replaced /
   added to."""
@@ -108,11 +113,11 @@ class EncoderLayer(nn.Module):
     if prompt is not None:
       x = apply_layer_prompt(x, prompt, self.prompt_mode, self.prompt_offset)
     dropout = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
-    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_attention_layer_norm", **dt)(x)
+    h = _norm(cfg, "pre_attention_layer_norm")(x)
     h = MultiHeadAttention(cfg.num_heads, cfg.d_kv, cfg.dropout_rate, deterministic=self.deterministic,
                            attention_impl=cfg.attention_impl, name="attention", **dt)(h, h, bias)
     x = x + dropout(h)
-    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **dt)(x)
+    h = _norm(cfg, "pre_mlp_layer_norm")(x)
     h = MlpBlock(cfg.d_ff, cfg.feed_forward, cfg.dropout_rate, self.deterministic, name="mlp", **dt)(h)
     x = constrain(x + dropout(h), ("batch", "length", "embed"))
     return x, None
@@ -134,16 +139,16 @@ class DecoderLayer(nn.Module):
     attention = functools.partial(MultiHeadAttention, cfg.num_heads, cfg.d_kv, cfg.dropout_rate,
                                   deterministic=self.deterministic,
                                   attention_impl=cfg.attention_impl, **dt)
-    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_self_attention_layer_norm", **dt)(x)
+    h = _norm(cfg, "pre_self_attention_layer_norm")(x)
     h = attention(name="self_attention")(h, h, self_bias, decode=self.decode,
                                          decode_position=decode_position,
                                          max_decode_length=self.max_decode_length)
     x = x + dropout(h)
-    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_cross_attention_layer_norm", **dt)(x)
+    h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
     h = attention(is_cross=True, name="encoder_decoder_attention")(h, encoded, cross_bias,
                                                                    decode=self.decode)
     x = x + dropout(h)
-    h = RMSNorm(cfg.layer_norm_epsilon, name="pre_mlp_layer_norm", **dt)(x)
+    h = _norm(cfg, "pre_mlp_layer_norm")(x)
     h = MlpBlock(cfg.d_ff, cfg.feed_forward, cfg.dropout_rate, self.deterministic, name="mlp", **dt)(h)
     x = constrain(x + dropout(h), ("batch", "length", "embed"))
     return x, None
@@ -228,7 +233,7 @@ class Encoder(nn.Module):
                deterministic=self.deterministic, prompt_mode=layer_prompt_mode,
                prompt_offset=layer_prompt_offset)(
                    x, bias, *scanned_args)
-    x = RMSNorm(cfg.layer_norm_epsilon, name="encoder_norm", **_dtypes(cfg))(x)
+    x = _norm(cfg, "encoder_norm")(x)
     return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
 
 
@@ -274,7 +279,7 @@ class Decoder(nn.Module):
     x = _stack(DecoderLayer, cfg, cfg.num_decoder_layers, 4, deterministic=self.deterministic,
                decode=self.decode, max_decode_length=self.max_decode_length)(
                    x, encoded, self_bias, cross_bias, decode_position)
-    x = RMSNorm(cfg.layer_norm_epsilon, name="decoder_norm", **_dtypes(cfg))(x)
+    x = _norm(cfg, "decoder_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
     if cfg.tie_embeddings:
       x = x * (cfg.d_model ** -0.5)
