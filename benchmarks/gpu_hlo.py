@@ -7,14 +7,17 @@ Needs JAX's CUDA plugin (`pip install "jax[cuda13]==<the pinned jax>"` in a sepa
 environment: about 4 GB; no GPU or driver needed) besides the repository's dependencies. Usage:
   JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_hlo.py [--method prompt_tuning]
       [--layers 24] [--batch 32] [--attention cudnn] [--devices 8 --mesh data=4,model=2]
-      [--hlo FILE]
+      [--norm_barrier] [--triton_gemm] [--hlo FILE]
 It also prints a lower bound on the memory-bound kernels' traffic (the largest by kind; the
 cuBLAS calls' separate output conversions, `wrapped_convert`, are fused into Triton GEMMs on a
 real device) and, with `--devices N --mesh SPEC`, the collectives of a sharded step.
-Caveats: without a device there is no autotuning, and Triton's default GEMM tiling fails on
-some products, so Triton GEMM fusions are switched off (cuBLAS calls instead): matmul fusions and
-their neighbours differ from the real program, layouts and the other fusions do not (T5 1.1 XL
-at batch 32: 148 + 46 transpose kernels here, 148 + 46 in the H100 profile of the same code).
+Caveats: without a device there is no autotuning, and Triton's default GEMM tiling failed on
+some products (an earlier JAX), so by default Triton GEMM fusions are switched off (cuBLAS calls
+instead): matmul fusions and their neighbours differ from the real program, layouts and the other
+fusions do not (T5 1.1 XL at batch 32: 148 + 46 transpose kernels here, 148 + 46 in the H100
+profile of the same code). `--triton_gemm` keeps them, with default tilings (this configuration
+compiles with jax 0.10.2), and counts the GEMM fusions with work fused in front of the dot, such
+as a norm's scaling (`gemm_prologues`): which ones a device fuses is decided before autotuning.
 The step is traced on the host, so `fused_attention` is told that the target is a GPU.
 """
 
@@ -49,6 +52,7 @@ H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 
 _DEFINITION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(?:, |$)")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_OP = re.compile(r"= (?:\(.*?\)|\S+) ([\w\-]+)\(")  # an instruction line's op
 KERNEL_OPS = ("fusion", "custom-call", "copy", "transpose")  # what launches a kernel
 MEMORY_BOUND_OPS = ("fusion", "copy", "transpose")  # kernels that are not library calls
 COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
@@ -94,6 +98,26 @@ def collective_bytes(hlo: str) -> dict[str, tuple[int, int]]:
   return found
 
 
+def gemm_prologues(hlo: str) -> tuple[int, collections.Counter]:
+  """(GEMM fusions of the entry computation, and of those the ones whose dot reads an operand
+  computed inside the fusion, by that operand's op): work fused in front of the matmul, such as
+  a norm's scaling, which slows the Triton GEMM down (README, GPU)."""
+  from ptuning.bench_profile import index_hlo
+  _, bodies, lines = index_hlo(hlo)
+  fusions, found = 0, collections.Counter()
+  for name, _, op, _ in entry_definitions(hlo):
+    called = re.search(r"calls=%?([\w.\-]+)", lines.get(name, ""))
+    if op != "fusion" or not stem(name).startswith("gemm_fusion") or not called:
+      continue
+    fusions += 1
+    for dot in re.finditer(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", bodies.get(called.group(1), "")):
+      ops = {_OP.search(lines.get(operand, "")).group(1) for operand in dot.groups()
+             if _OP.search(lines.get(operand, ""))} - {"parameter", "bitcast"}
+      for computed in sorted(ops):
+        found[computed] += 1
+  return fusions, found
+
+
 def memory_bound_bytes(hlo: str) -> collections.Counter:
   """Bytes each kind of memory-bound kernel of the entry computation reads and writes (its
   operands' and results' sizes; fusions, copies and transposes, not library calls) by name stem:
@@ -119,14 +143,19 @@ def main(argv=None) -> int:
   p.add_argument("--method", default="prompt_tuning", help="as `ptuning bench --method`")
   p.add_argument("--attention", default="cudnn")
   p.add_argument("--param_dtype", default="bfloat16")
+  p.add_argument("--norm_barrier", action="store_true", help="as `ptuning bench --norm_barrier`")
+  p.add_argument("--triton_gemm", action="store_true",
+                 help="keep XLA's Triton GEMM fusions, with their default tilings (no autotuning "
+                 "without a device), to see what is fused into them; default: cuBLAS calls")
   p.add_argument("--devices", type=int, default=1, help="H100s in the topology (one host)")
   p.add_argument("--mesh", default=None, help="as `ptuning bench --mesh`, e.g. 'data=4,model=2'")
   p.add_argument("--hlo", default=None, help="write the compiled HLO here")
   args = p.parse_args(argv)
 
   os.environ["CUDA_VISIBLE_DEVICES"] = "-1"  # set before JAX starts its backends
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_gpu_enable_triton_gemm=false").strip()
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + (
+      " --xla_gpu_autotune_level=0" if args.triton_gemm else
+      " --xla_gpu_enable_triton_gemm=false")).strip()
   import jax
   from jax.experimental import topologies
   from ptuning.bench_step import train_config
@@ -138,7 +167,8 @@ def main(argv=None) -> int:
                                           topology=f"1x1x{args.devices}")
   jax.default_backend = lambda: "gpu"  # what fused_attention asks while tracing on the host
   cfg = get_preset(args.model).replace(attention_impl=args.attention,
-                                       param_dtype=args.param_dtype)
+                                       param_dtype=args.param_dtype,
+                                       norm_barrier=args.norm_barrier)
   if args.layers:
     cfg = cfg.replace(num_encoder_layers=args.layers, num_decoder_layers=args.layers)
   spec = dict(model=args.model, method=args.method, prompt=args.prompt, inputs=args.inputs,
@@ -164,6 +194,10 @@ def main(argv=None) -> int:
   print(f"kernels: {sum(counts.values())}, of which layout transposes: {transposes}")
   for kind, n in counts.most_common():
     print(f"  {kind:45s} {n:5d}")
+  gemms, prologues = gemm_prologues(hlo)
+  if gemms:
+    print(f"GEMM fusions: {gemms}, of which with work fused in front of the dot: "
+          f"{sum(prologues.values())}" + "".join(f", {op} {n}" for op, n in prologues.items()))
   moved = memory_bound_bytes(hlo)
   print(f"memory-bound kernels move at least {sum(moved.values()) / 1e9:.1f} GB per step "
         f"({sum(moved.values()) / H100_BANDWIDTH * 1e3:.1f} ms at 3.35 TB/s); the most:")

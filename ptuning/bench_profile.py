@@ -43,7 +43,7 @@ _DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%?([\w.\-]+), %?[\w.\-]+\), (lhs_b
                   r"lhs_contracting_dims=\{([\d,]*)\}")
 
 
-def _index_hlo(hlo: str) -> tuple[dict, dict, dict]:
+def index_hlo(hlo: str) -> tuple[dict, dict, dict]:
   """(shape of every instruction, body text of every computation, instruction line by name)."""
   shapes, bodies, lines = {}, {}, {}
   name, body = None, []
@@ -139,7 +139,7 @@ def read_trace(trace_file: str, hlo: str, steps: int) -> dict:
   """`{'steps', 'rows': [(category, ms_per_step, gflop_per_step, ops_per_step)], 'trace',
   'occupancy'}` of an `*.xplane.pb` trace of `steps` steps of the program whose HLO is `hlo`."""
   import jax
-  shapes, bodies, lines = _index_hlo(hlo)
+  shapes, bodies, lines = index_hlo(hlo)
   time_ns, flops, count = collections.Counter(), collections.Counter(), collections.Counter()
   spans = []
   planes = list(jax.profiler.ProfileData.from_file(trace_file).planes)

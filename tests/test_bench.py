@@ -172,7 +172,9 @@ def test_bench_profile_accounts_for_the_matmul_flops(tmp_path, capsys):
   # covers that path too; progress is printed before the report)
   assert result["config"]["param_dtype"] == "bfloat16" and result["config"]["norm_barrier"]
   from ptuning.bench_step import train_config
-  assert train_config(result["config"], str(tmp_path)).model.norm_barrier
+  from ptuning.train.experiment import build_experiment
+  built = build_experiment(train_config(result["config"], str(tmp_path / "model")), abstract=True)
+  assert built.model.norm_barrier  # the model the bench built, run-level overrides applied
   assert output.index("ours: built and compiled in") < output.index("hardware:")
   assert profile["trace"].startswith(str(tmp_path / "trace")) and profile["steps"] == 2
   rows = {name: (ms, gflop) for name, ms, gflop, _ in profile["rows"]}
@@ -204,7 +206,7 @@ def test_profile_reads_gpu_library_calls_and_kernels():
   """GPU HLO: cuBLAS gemm custom-calls count as dots (dimension numbers from the backend config,
   tuple-shaped results), cuDNN flash attention is its own row with the kernels' products; GPU
   kernel names map back to their fusions ('gemm_fusion_dot_2' -> 'gemm_fusion_dot.2')."""
-  from ptuning.bench_profile import _index_hlo, classify, classify_kernel
+  from ptuning.bench_profile import index_hlo, classify, classify_kernel
   gemm_config = ('"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
                  '"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],'
                  '"rhs_batch_dimensions":[]}')
@@ -227,7 +229,7 @@ def test_profile_reads_gpu_library_calls_and_kernels():
       "  %b = bf16[32,48]{1,0} parameter(1)",
       "  ROOT %dot.1 = bf16[64,48]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
       "}"])
-  index = _index_hlo(hlo)
+  index = index_hlo(hlo)
   assert classify("custom-call.1", *index) == ("matmul (projections)", 2.0 * 64 * 48 * 32)
   forward = 4.0 * 2 * 4 * 10 * 12 * 8  # scores and weighted sum, [B, N, T, S] x H
   assert classify("custom-call.2", *index) == ("attention (cuDNN fused)", forward)
@@ -425,3 +427,42 @@ def test_gpu_hlo_weighs_memory_bound_kernels_and_collectives_by_bytes():
   moved = gpu_hlo.memory_bound_bytes(hlo)
   assert moved == {"loop_add_fusion": (128 + 2 * 128) + (128 + 64 + 128), "copy": 128 + 128}
   assert gpu_hlo.collective_bytes(hlo) == {"all-reduce": (1, 128), "all-gather": (1, 256)}
+
+
+def test_gpu_hlo_finds_work_fused_in_front_of_a_gemm():
+  """`gemm_prologues`: a GEMM fusion whose dot reads an operand computed inside it (a norm's
+  scaling) is counted by that op; one whose dot reads its parameters (through a bitcast) is not;
+  other fusions are not GEMMs."""
+  gpu_hlo = gpu_hlo_module()
+  hlo = "\n".join([
+      "%scaled_gemm (p0: bf16[4,8], p1: bf16[8], p2: bf16[8,8]) -> bf16[4,8] {",
+      "  %p0 = bf16[4,8]{1,0} parameter(0)",
+      "  %p1 = bf16[8]{0} parameter(1)",
+      "  %b = bf16[4,8]{1,0} broadcast(%p1), dimensions={1}",
+      "  %mul.3 = bf16[4,8]{1,0} multiply(%p0, %b)",
+      "  %p2 = bf16[8,8]{1,0} parameter(2)",
+      "  %dot.1 = f32[4,8]{1,0} dot(%mul.3, %p2), lhs_contracting_dims={1}, "
+      "rhs_contracting_dims={0}",
+      "  ROOT %c = bf16[4,8]{1,0} convert(%dot.1)",
+      "}",
+      "",
+      "%plain_gemm (q0: bf16[4,8], q1: bf16[8,8]) -> bf16[4,8] {",
+      "  %q0 = bf16[4,8]{1,0} parameter(0)",
+      "  %q1 = bf16[8,8]{1,0} parameter(1)",
+      "  %q2 = bf16[8,8]{1,0} bitcast(%q1)",
+      "  %dot.2 = f32[4,8]{1,0} dot(%q0, %q2), lhs_contracting_dims={1}, rhs_contracting_dims={0}",
+      "  ROOT %d = bf16[4,8]{1,0} convert(%dot.2)",
+      "}",
+      "",
+      "ENTRY %main.3 (x: bf16[4,8], s: bf16[8], w: bf16[8,8]) -> bf16[4,8] {",
+      "  %x = bf16[4,8]{1,0} parameter(0)",
+      "  %s = bf16[8]{0} parameter(1)",
+      "  %w = bf16[8,8]{1,0} parameter(2)",
+      "  %gemm_fusion_dot.4 = bf16[4,8]{1,0} fusion(%x, %s, %w), kind=kCustom, "
+      "calls=%scaled_gemm",
+      "  %gemm_fusion_dot.5 = bf16[4,8]{1,0} fusion(%gemm_fusion_dot.4, %w), kind=kCustom, "
+      "calls=%plain_gemm",
+      "  ROOT %loop_multiply_fusion = bf16[4,8]{1,0} fusion(%gemm_fusion_dot.5, %x), kind=kLoop, "
+      "calls=%scaled_gemm",
+      "}"])
+  assert gpu_hlo.gemm_prologues(hlo) == (2, {"multiply": 1})

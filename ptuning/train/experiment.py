@@ -67,7 +67,8 @@ class TrainConfig:
   attention_impl: str | None = None
   # Each norm's output behind an optimization barrier (T5Config.norm_barrier): for GPUs, where XLA
   # would fuse the norm's scaling into every GEMM that reads it; bit-identical numbers on CPU.
-  norm_barrier: bool = False
+  # None keeps the model's (its default: False).
+  norm_barrier: bool | None = None
   mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
   # True: every process builds the same global batches, so a run (and its checkpoints) is the
   # same for any process count; False: SeqIO shards the examples over processes (data/batches.py).
@@ -144,10 +145,11 @@ class Experiment:
 def _model_overrides(config: TrainConfig) -> dict:
   """Run-level numerics applied on top of the checkpoint's or preset's shapes."""
   overrides = dict(dropout_rate=config.dropout_rate, dtype=config.dtype,
-                   scan_layers=config.scan_layers, remat_policy=config.remat_policy,
-                   norm_barrier=config.norm_barrier)
+                   scan_layers=config.scan_layers, remat_policy=config.remat_policy)
   if config.attention_impl is not None:
     overrides["attention_impl"] = config.attention_impl
+  if config.norm_barrier is not None:
+    overrides["norm_barrier"] = config.norm_barrier
   return overrides
 
 
