@@ -53,6 +53,7 @@ H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 _DEFINITION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(?:, |$)")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 _OP = re.compile(r"= (?:\(.*?\)|\S+) ([\w\-]+)\(")  # an instruction line's op
+_DOT_OPERANDS = re.compile(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)")
 KERNEL_OPS = ("fusion", "custom-call", "copy", "transpose")  # what launches a kernel
 MEMORY_BOUND_OPS = ("fusion", "copy", "transpose")  # kernels that are not library calls
 COLLECTIVE_OPS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
@@ -110,10 +111,9 @@ def gemm_prologues(hlo: str) -> tuple[int, collections.Counter]:
     if op != "fusion" or not stem(name).startswith("gemm_fusion") or not called:
       continue
     fusions += 1
-    for dot in re.finditer(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)", bodies.get(called.group(1), "")):
-      ops = {_OP.search(lines.get(operand, "")).group(1) for operand in dot.groups()
-             if _OP.search(lines.get(operand, ""))} - {"parameter", "bitcast"}
-      for computed in sorted(ops):
+    for dot in _DOT_OPERANDS.finditer(bodies.get(called.group(1), "")):
+      ops = {m.group(1) for m in (_OP.search(lines.get(o, "")) for o in dot.groups()) if m}
+      for computed in sorted(ops - {"parameter", "bitcast"}):
         found[computed] += 1
   return fusions, found
 
