@@ -69,6 +69,21 @@ def batch_of(seed: int = 0) -> dict:
           "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
 
 
+def logits_loss_grads(exp, model: T5Config, batch: dict, rng=None) -> tuple:
+  """(float32 logits, loss, trainable gradients, the lowered gradient step's text) of `exp`'s
+  initial parameters with its backbone config replaced by `model`."""
+  spec = dataclasses.replace(exp.spec, model=model)
+  factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
+  args = (exp.trainable_init, exp.frozen, batch, rng, weights)
+  lowered = jax.jit(jax.grad(lambda t, f, b, r, w: loss_and_metrics(t, f, b, r, spec, factor, w),
+                             has_aux=True)).lower(*args)
+  grads, metrics = lowered.compile()(*args)
+  params = param_tree.merge(exp.trainable_init, exp.frozen)
+  logits = jax.jit(lambda p, e, d, r: prompted_logits(model, spec.method, p, e, d, r))(
+      params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], rng)
+  return np.asarray(logits, np.float32), float(metrics["loss"]), grads, lowered.as_text()
+
+
 @pytest.mark.parametrize("method,dropout_rate,impl,prompt", [
     ("prompt_tuning", 0.0, "recompute", PROMPT), ("prompt_tuning", 0.2, "recompute", PROMPT),
     ("full_finetuning", 0.0, "recompute", PROMPT), ("prompt_tuning", 0.0, "cudnn", PROMPT),
@@ -81,20 +96,10 @@ def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dr
   inputs: padded to even for cuDNN)."""
   exp = build_experiment(config(tmp_path, "plain", method, dropout_rate, prompt),
                          devices=jax.devices()[:1])
-  batch = batch_of()
-  factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
-  rng = jax.random.key(3) if dropout_rate else None
-  results = {}
-  for name in ("plain", impl):
-    spec = dataclasses.replace(exp.spec, model=exp.model.replace(attention_impl=name))
-    grad_fn = jax.jit(jax.grad(lambda t, f, b, r, w: loss_and_metrics(t, f, b, r, spec, factor, w),
-                               has_aux=True))
-    grads, metrics = grad_fn(exp.trainable_init, exp.frozen, batch, rng, weights)
-    params = param_tree.merge(exp.trainable_init, exp.frozen)
-    logits = jax.jit(lambda p, e, d, r: prompted_logits(spec.model, spec.method, p, e, d, r))(
-        params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], rng)
-    results[name] = (np.asarray(logits), float(metrics["loss"]), grads)
-  (logits_p, loss_p, grads_p), (logits_r, loss_r, grads_r) = results["plain"], results[impl]
+  batch, rng = batch_of(), jax.random.key(3) if dropout_rate else None
+  logits_p, loss_p, grads_p, _ = logits_loss_grads(exp, exp.model, batch, rng)
+  logits_r, loss_r, grads_r, _ = logits_loss_grads(exp, exp.model.replace(attention_impl=impl),
+                                                   batch, rng)
   np.testing.assert_allclose(logits_r, logits_p, rtol=0, atol=1e-6)
   assert loss_r == pytest.approx(loss_p, rel=1e-6)
   flat_p, flat_r = jax.tree.leaves_with_path(grads_p), jax.tree.leaves(grads_r)
@@ -212,23 +217,12 @@ def test_norm_barrier_keeps_every_norm_output_whole_and_changes_no_number(tmp_pa
   cfg = config(tmp_path, "cudnn", method)
   cfg = dataclasses.replace(cfg, model=cfg.model.replace(dtype="bfloat16"), dtype="bfloat16")
   exp = build_experiment(cfg, devices=jax.devices()[:1])
-  batch = batch_of()
-  factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
   norms = 2 * MODEL.num_encoder_layers + 1 + 3 * MODEL.num_decoder_layers + 1
-  results = {}
-  for barrier in (False, True):
-    spec = dataclasses.replace(exp.spec, model=exp.model.replace(norm_barrier=barrier))
-    grad_fn = jax.jit(jax.grad(lambda t, f, b, w: loss_and_metrics(t, f, b, None, spec, factor, w),
-                               has_aux=True))
-    lowered = grad_fn.lower(exp.trainable_init, exp.frozen, batch, weights)
-    assert lowered.as_text().count("optimization_barrier") >= (norms if barrier else 0), barrier
-    assert barrier or "optimization_barrier" not in lowered.as_text()
-    grads, metrics = grad_fn(exp.trainable_init, exp.frozen, batch, weights)
-    params = param_tree.merge(exp.trainable_init, exp.frozen)
-    logits = jax.jit(lambda p, e, d: prompted_logits(spec.model, spec.method, p, e, d, None))(
-        params, batch["encoder_input_tokens"], batch["decoder_input_tokens"])
-    results[barrier] = (np.asarray(logits, np.float32), float(metrics["loss"]), grads)
-  (logits_0, loss_0, grads_0), (logits_1, loss_1, grads_1) = results[False], results[True]
+  logits_0, loss_0, grads_0, lowered_0 = logits_loss_grads(exp, exp.model, batch_of())
+  logits_1, loss_1, grads_1, lowered_1 = logits_loss_grads(
+      exp, exp.model.replace(norm_barrier=True), batch_of())
+  assert "optimization_barrier" not in lowered_0
+  assert lowered_1.count("optimization_barrier") >= norms
   # Bit for bit on CPU, where XLA removes the barriers before fusing anything (a GPU compiler
   # removes them after fusion and scheduling).
   np.testing.assert_array_equal(logits_1, logits_0)
