@@ -3,23 +3,24 @@
 # prompt 100, targets 8, on one H100 / H200, against HF PEFT on the same GPU.
 # Usage, on the GPU machine from the repository root (its python3 holding jax[cuda], flax, optax,
 # torch, transformers, peft; gin and seqio are not needed):
-#   OUT=/some/dir STEPS="parity record barrier" bash benchmarks/gpu.sh
-# STEPS (default: all four, in this order):
-#   parity   cuDNN flash attention against float32 XLA attention, small shapes (under a minute)
-#   record   the figure of record: cuDNN attention, bfloat16 backbone, layers unrolled; PEFT
-#            beside it on cards that hold PEFT at batch 32 (about 118 GiB: an H200); profiled
-#   barrier  the same with --norm_barrier (T5Config.norm_barrier), ours alone, profiled
-#   peer     on cards under 100 GiB (an H100): ours and PEFT at batch 16
+#   OUT=/some/dir STEPS="parity record" bash benchmarks/gpu.sh
+# STEPS (default: parity record peer, in the order below):
+#   parity      cuDNN flash attention against float32 XLA attention, small shapes (under a minute)
+#   record      the figure of record: cuDNN attention, bfloat16 backbone, layers unrolled, norms
+#               behind barriers (the default); PEFT beside it on cards that hold PEFT at batch 32
+#               (about 118 GiB: an H200); profiled
+#   nobarrier   the same with --no-norm_barrier (T5Config.norm_barrier off), ours, profiled
+#   peer        on cards under 100 GiB (an H100): ours and PEFT at batch 16
 # and FULL=1 adds the scan and default variants. Writes OUT/gpu_<card>_t5_1_1_xl_*.json (card:
 # h100, h200, ...), each profiled step's trace and HLO (gzip), and prints each run.
-# Time: one bench run of ours took about 4 minutes on an H100 (2026-11-27: record, profiled), and
-# the batch-16 pair with PEFT more than 4; a device command is limited to 10 minutes, so run
-# STEPS="parity record barrier" in one command and STEPS=peer in another.
+# Time: one bench run of ours took about 4 minutes on an H100 (2026-11-27: record, profiled; 3 of
+# them building the random backbone, before `build.init_params` initialised the layers as one
+# scan), and the batch-16 pair with PEFT more than 4; a device command is limited to 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT=${OUT:-benchmarks}
-STEPS=" ${STEPS:-parity record barrier peer} "
+STEPS=" ${STEPS:-parity record peer} "
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
@@ -53,11 +54,11 @@ if want record; then
     --profile /tmp/ptuning_gpu_profile --json "${G}_cudnn_bf16_params.json"
   keep_profile /tmp/ptuning_gpu_profile profile
 fi
-if want barrier; then
+if want nobarrier; then
   # shellcheck disable=SC2086
-  timeout 270 "$PY" -m ptuning.bench $XL --batch 32 $FAST --norm_barrier \
-    --profile /tmp/ptuning_gpu_profile_barrier --json "${G}_cudnn_bf16_params_norm_barrier.json"
-  keep_profile /tmp/ptuning_gpu_profile_barrier norm_barrier_profile
+  timeout 270 "$PY" -m ptuning.bench $XL --batch 32 $FAST --no-norm_barrier \
+    --profile /tmp/ptuning_gpu_profile_nobarrier --json "${G}_cudnn_bf16_params_no_norm_barrier.json"
+  keep_profile /tmp/ptuning_gpu_profile_nobarrier no_norm_barrier_profile
 fi
 if want peer && [ "$small_card" = 1 ]; then
   # shellcheck disable=SC2086

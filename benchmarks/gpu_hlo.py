@@ -7,7 +7,7 @@ Needs JAX's CUDA plugin (`pip install "jax[cuda13]==<the pinned jax>"` in a sepa
 environment: about 4 GB; no GPU or driver needed) besides the repository's dependencies. Usage:
   JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 python benchmarks/gpu_hlo.py [--method prompt_tuning]
       [--layers 24] [--batch 32] [--attention cudnn] [--devices 8 --mesh data=4,model=2]
-      [--norm_barrier] [--triton_gemm] [--hlo FILE]
+      [--no-norm_barrier] [--triton_gemm] [--hlo FILE]
 It also prints a lower bound on the memory-bound kernels' traffic (the largest by kind; the
 cuBLAS calls' separate output conversions, `wrapped_convert`, are fused into Triton GEMMs on a
 real device) and, with `--devices N --mesh SPEC`, the collectives of a sharded step.
@@ -143,7 +143,8 @@ def main(argv=None) -> int:
   p.add_argument("--method", default="prompt_tuning", help="as `ptuning bench --method`")
   p.add_argument("--attention", default="cudnn")
   p.add_argument("--param_dtype", default="bfloat16")
-  p.add_argument("--norm_barrier", action="store_true", help="as `ptuning bench --norm_barrier`")
+  p.add_argument("--norm_barrier", action=argparse.BooleanOptionalAction, default=True,
+                 help="as `ptuning bench --[no-]norm_barrier`")
   p.add_argument("--triton_gemm", action="store_true",
                  help="keep XLA's Triton GEMM fusions, with their default tilings (no autotuning "
                  "without a device), to see what is fused into them; default: cuBLAS calls")

@@ -364,8 +364,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--attention", default="recompute", choices=("recompute", "plain", "cudnn"),
                  help="attention backward: recompute probabilities (default) or keep them; "
                  "cudnn: flash attention (jax.nn.dot_product_attention) on a GPU in bfloat16")
-  p.add_argument("--norm_barrier", action="store_true",
-                 help="each norm's output behind an optimization barrier (T5Config.norm_barrier)")
+  p.add_argument("--norm_barrier", action=argparse.BooleanOptionalAction, default=True,
+                 help="each norm's output behind an optimization barrier (T5Config.norm_barrier, "
+                 "default on; --no-norm_barrier: the GEMMs may fuse the norm's scaling)")
   p.add_argument("--vs", default=None, choices=("peft",) + METHODS,
                  help="peft: also time HF PEFT prompt tuning (PyTorch); a method: time it and "
                  "--method side by side, in alternating rounds (ptuning/bench_methods.py)")

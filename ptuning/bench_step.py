@@ -69,7 +69,7 @@ def train_config(spec: dict, model_dir: str, model=None):
   if model is None:
     model = get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute"),
                                               param_dtype=spec.get("param_dtype", "float32"),
-                                              norm_barrier=spec.get("norm_barrier", False))
+                                              norm_barrier=spec.get("norm_barrier", True))
   return TrainConfig(
       model_dir=model_dir, initial_checkpoint_path=None, model=model,
       method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],

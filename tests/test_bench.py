@@ -163,18 +163,19 @@ def test_bench_profile_accounts_for_the_matmul_flops(tmp_path, capsys):
   assert main(["bench", "--model", "tiny_t5_1_1", "--batch", "8", "--inputs", "16",
                "--targets", "4", "--prompt", "4", "--steps", "1", "--warmup", "1",
                "--mesh", "data=8,model=1", "--profile", str(tmp_path / "trace"),
-               "--dtype", "bfloat16", "--param_dtype", "bfloat16", "--norm_barrier",
+               "--dtype", "bfloat16", "--param_dtype", "bfloat16", "--no-norm_barrier",
                "--json", str(out_json)]) == 0
   output = capsys.readouterr().out
   result = json.loads(out_json.read_text())
   profile = result["ours"]["profile"]
-  # (run with a bfloat16 backbone and activations and barriers after the norms: the profile
-  # covers that path too; progress is printed before the report)
-  assert result["config"]["param_dtype"] == "bfloat16" and result["config"]["norm_barrier"]
+  # (run with a bfloat16 backbone and activations and without the barriers after the norms
+  # (default on): the profile covers that path too; progress is printed before the report)
+  assert result["config"]["param_dtype"] == "bfloat16"
+  assert result["config"]["norm_barrier"] is False
   from ptuning.bench_step import train_config
   from ptuning.train.experiment import build_experiment
   built = build_experiment(train_config(result["config"], str(tmp_path / "model")), abstract=True)
-  assert built.model.norm_barrier  # the model the bench built, run-level overrides applied
+  assert not built.model.norm_barrier  # the model the bench built, run-level overrides applied
   assert output.index("ours: built and compiled in") < output.index("hardware:")
   assert profile["trace"].startswith(str(tmp_path / "trace")) and profile["steps"] == 2
   rows = {name: (ms, gflop) for name, ms, gflop, _ in profile["rows"]}

@@ -134,7 +134,7 @@ def test_masked_keys_get_no_weight_in_bfloat16():
 def test_gin_attention_impl_and_norm_barrier_reach_the_model(tmp_path):
   """`--gin.ATTENTION_IMPL='cudnn'` (runs/train.gin) sets the backbone's attention; the default
   keeps 'recompute'; an unknown name fails with the field and the choices, and so does 'cudnn'
-  with dropout. `--gin.NORM_BARRIER=True` sets `T5Config.norm_barrier` (default off)."""
+  with dropout. `NORM_BARRIER` (default True) sets `T5Config.norm_barrier`."""
   from ptuning import gin_setup
   from ptuning.train.experiment import build_experiment
 
@@ -146,7 +146,7 @@ def test_gin_attention_impl_and_norm_barrier_reach_the_model(tmp_path):
 
   assert model_of().attention_impl == "recompute"
   assert model_of("ATTENTION_IMPL = 'cudnn'", "DROPOUT_RATE = 0.0").attention_impl == "cudnn"
-  assert not model_of().norm_barrier and model_of("NORM_BARRIER = True").norm_barrier
+  assert model_of().norm_barrier and not model_of("NORM_BARRIER = False").norm_barrier
   with pytest.raises(ValueError, match=r"attention_impl='flash'.*cudnn"):
     model_of("ATTENTION_IMPL = 'flash'")
   # runs/train.gin's dropout (0.1) would be silently lost to flash attention: refused instead.

@@ -6,7 +6,9 @@ Memory figures come from XLA's compiled memory analysis of the abstract step (de
 timing); outputs and gradients from one tiny backbone run both ways.
 """
 
+import collections
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -69,19 +71,26 @@ def batch_of(seed: int = 0) -> dict:
           "decoder_target_tokens": targets, "decoder_loss_weights": np.ones_like(targets)}
 
 
+def opcode_counts(hlo: str) -> collections.Counter:
+  """{opcode: instructions} of an HLO module's text (names and metadata left out)."""
+  return collections.Counter(re.findall(r"= [^ ]+ ([a-z][\w-]*)\(", hlo))
+
+
 def logits_loss_grads(exp, model: T5Config, batch: dict, rng=None) -> tuple:
-  """(float32 logits, loss, trainable gradients, the lowered gradient step's text) of `exp`'s
-  initial parameters with its backbone config replaced by `model`."""
+  """(float32 logits, loss, trainable gradients, the gradient step's texts {'lowered', 'compiled'})
+  of `exp`'s initial parameters with its backbone config replaced by `model`."""
   spec = dataclasses.replace(exp.spec, model=model)
   factor, weights = losses.loss_normalizing_factor_and_weights(None, batch)
   args = (exp.trainable_init, exp.frozen, batch, rng, weights)
   lowered = jax.jit(jax.grad(lambda t, f, b, r, w: loss_and_metrics(t, f, b, r, spec, factor, w),
                              has_aux=True)).lower(*args)
-  grads, metrics = lowered.compile()(*args)
+  compiled = lowered.compile()
+  grads, metrics = compiled(*args)
   params = param_tree.merge(exp.trainable_init, exp.frozen)
   logits = jax.jit(lambda p, e, d, r: prompted_logits(model, spec.method, p, e, d, r))(
       params, batch["encoder_input_tokens"], batch["decoder_input_tokens"], rng)
-  return np.asarray(logits, np.float32), float(metrics["loss"]), grads, lowered.as_text()
+  return (np.asarray(logits, np.float32), float(metrics["loss"]), grads,
+          {"lowered": lowered.as_text(), "compiled": compiled.as_text()})
 
 
 @pytest.mark.parametrize("method,dropout_rate,impl,prompt", [
@@ -218,13 +227,18 @@ def test_norm_barrier_keeps_every_norm_output_whole_and_changes_no_number(tmp_pa
   cfg = dataclasses.replace(cfg, model=cfg.model.replace(dtype="bfloat16"), dtype="bfloat16")
   exp = build_experiment(cfg, devices=jax.devices()[:1])
   norms = 2 * MODEL.num_encoder_layers + 1 + 3 * MODEL.num_decoder_layers + 1
-  logits_0, loss_0, grads_0, lowered_0 = logits_loss_grads(exp, exp.model, batch_of())
-  logits_1, loss_1, grads_1, lowered_1 = logits_loss_grads(
+  assert exp.model.norm_barrier  # the default
+  logits_0, loss_0, grads_0, text_0 = logits_loss_grads(
+      exp, exp.model.replace(norm_barrier=False), batch_of())
+  logits_1, loss_1, grads_1, text_1 = logits_loss_grads(
       exp, exp.model.replace(norm_barrier=True), batch_of())
-  assert "optimization_barrier" not in lowered_0
-  assert lowered_1.count("optimization_barrier") >= norms
-  # Bit for bit on CPU, where XLA removes the barriers before fusing anything (a GPU compiler
-  # removes them after fusion and scheduling).
+  assert "optimization_barrier" not in text_0["lowered"]
+  assert text_1["lowered"].count("optimization_barrier") >= norms
+  # On CPU XLA removes the barriers before fusing anything (a GPU compiler removes them after
+  # fusion and scheduling): the same compiled program, instruction for instruction, and the
+  # same numbers bit for bit.
+  assert opcode_counts(text_1["compiled"]) == opcode_counts(text_0["compiled"])
+  assert sum(opcode_counts(text_0["compiled"]).values()) > 100
   np.testing.assert_array_equal(logits_1, logits_0)
   assert loss_1 == loss_0
   flat_0, flat_1 = jax.tree.leaves_with_path(grads_0), jax.tree.leaves(grads_1)

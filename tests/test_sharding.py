@@ -54,6 +54,33 @@ def test_sharded_logits_equal_single_device(preset, rules_name):
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=2e-5, rtol=2e-5)
 
 
+def test_random_init_gives_scanned_and_unrolled_layers_the_same_numbers():
+  """`build.init_params` initialises the layers as one scan (one layer's initialiser compiled
+  and looped, not one per layer) and slices the stacks for an unrolled config: both layouts
+  start from the same numbers, each leaf has its abstract shape, dtype and sharding, the layers
+  differ from each other and each kernel has its fan-in scale."""
+  cfg = PRESETS["tiny_t5_1_1"].replace(num_encoder_layers=3, param_dtype="bfloat16")
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, model=4))
+  key = jax.random.key(7)
+  unrolled = param_tree.flatten(build.init_params(cfg, key, mesh))
+  scanned = param_tree.flatten(build.init_params(cfg.replace(scan_layers=True), key, mesh))
+  for layout, params in ((cfg, unrolled), (cfg.replace(scan_layers=True), scanned)):
+    shapes = build.param_shapes(layout)
+    shardings = param_tree.flatten(build.param_shardings(layout, mesh))
+    assert set(params) == set(shapes)
+    for path, value in params.items():
+      assert (value.shape, value.dtype) == (shapes[path].shape, shapes[path].dtype), path
+      assert value.sharding == shardings[path], path
+  host = build.unstack_layers({p: np.asarray(v, np.float32) for p, v in scanned.items()})
+  assert set(host) == set(unrolled)
+  for path, value in unrolled.items():
+    np.testing.assert_array_equal(np.asarray(value, np.float32), host[path], err_msg=path)
+  wo = [host[f"encoder/layers_{i}/mlp/wo/kernel"] for i in range(3)]
+  assert not np.array_equal(wo[0], wo[1]) and not np.array_equal(wo[1], wo[2])
+  for w in wo:  # truncated normal, variance 1 / fan_in (d_ff = 64 inputs)
+    assert np.std(w) == pytest.approx(cfg.d_ff ** -0.5, rel=0.1)
+
+
 def hf_parameter_count(cfg) -> int:
   """transformers' own count for the same architecture, built on the meta device (no memory)."""
   config = transformers.T5Config(**{k: v for k, v in hf.t5_config_to_hf_dict(cfg).items()

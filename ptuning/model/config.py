@@ -49,8 +49,10 @@ class T5Config:
   # Each RMSNorm's output behind an optimization barrier: computed once in the norm's kernel. On
   # GPUs XLA otherwise fuses the norm's scaling into the prologue of every Triton GEMM reading it
   # (Q, K, V, wi_0, wi_1, cross-attention K/V), which ran those GEMMs at 514-541 TFLOP/s against
-  # 648-656 for the same products without it on an H100 (README, GPU). Same values either way.
-  norm_barrier: bool = False
+  # 648-656 for the same products without it on an H100 (README, GPU); with it the T5 1.1 XL step
+  # took 0.272 s against 0.285 (H100, 2026-11-27). On CPU XLA removes the barriers before fusing
+  # anything: the same compiled program and numbers. Same values either way.
+  norm_barrier: bool = True
 
   def __post_init__(self):
     if self.feed_forward not in FEED_FORWARD_KINDS:

@@ -67,7 +67,7 @@ class TrainConfig:
   attention_impl: str | None = None
   # Each norm's output behind an optimization barrier (T5Config.norm_barrier): for GPUs, where XLA
   # would fuse the norm's scaling into every GEMM that reads it; bit-identical numbers on CPU.
-  # None keeps the model's (its default: False).
+  # None keeps the model's (its default: True).
   norm_barrier: bool | None = None
   mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
   # True: every process builds the same global batches, so a run (and its checkpoints) is the
