@@ -11,6 +11,9 @@
 #               (about 118 GiB: an H200); profiled
 #   nobarrier   the same with --no-norm_barrier (T5Config.norm_barrier off), ours, profiled
 #   peer        on cards under 100 GiB (an H100): ours and PEFT at batch 16
+#   flags       the record's configuration, ours alone, not profiled, once per XLA flag set in
+#               FLAG_SETS (';'-separated, 'none' = no flag; default: the GEMM and fusion choices
+#               below), then one line per set; about 1 minute each, longer with exhaustive tiling
 # and FULL=1 adds the scan and default variants. Writes OUT/gpu_<card>_t5_1_1_xl_*.json (card:
 # h100, h200, ...), each profiled step's trace and HLO (gzip), and prints each run.
 # Time: one bench run of ours took about 4 minutes on an H100 (2026-11-27: record, profiled; 3 of
@@ -32,8 +35,8 @@ G="$OUT/gpu_${card:-gpu}_t5_1_1_xl"
 "$PY" -c "import jax, flax, optax, torch, transformers, peft; print('jax', jax.__version__, \
 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, jax.devices())"
-XL="--model t5_1_1_xl --inputs 512 --targets 8 --prompt 100 --dtype bfloat16 --steps 8 --warmup 2"
-FAST="--attention cudnn --param_dtype bfloat16"
+XL=${XL:-"--model t5_1_1_xl --inputs 512 --targets 8 --prompt 100 --dtype bfloat16 --steps 8 --warmup 2"}
+FAST=${FAST-"--attention cudnn --param_dtype bfloat16"}  # XL, FAST: overridable for a dry run
 # keep_profile DIR NAME: the newest trace under DIR and its HLO, gzipped into OUT.
 keep_profile() {
   local trace
@@ -64,6 +67,27 @@ if want peer && [ "$small_card" = 1 ]; then
   # shellcheck disable=SC2086
   timeout 420 "$PY" -m ptuning.bench $XL --batch 16 $FAST --vs peft \
     --json "${G}_cudnn_bf16_params_batch16.json"
+fi
+if want flags; then
+  DEFAULT_SETS="none;--xla_gpu_exhaustive_tiling_search=true;--xla_gpu_enable_triton_gemm=false"
+  DEFAULT_SETS+=";--xla_gpu_cudnn_gemm_fusion_level=2"
+  DEFAULT_SETS+=";--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
+  IFS=';' read -r -a flag_sets <<< "${FLAG_SETS:-$DEFAULT_SETS}"
+  i=0
+  for flags in "${flag_sets[@]}"; do
+    [ "$flags" = none ] && flags=""
+    # shellcheck disable=SC2086
+    XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" timeout 200 "$PY" -m ptuning.bench $XL --batch 32 \
+      $FAST --json "${G}_cudnn_bf16_params_flags_$i.json"
+    i=$((i + 1))
+  done
+  "$PY" - "${G}"_cudnn_bf16_params_flags_*.json <<'PYEOF'
+import json, sys
+for path in sys.argv[1:]:
+  r = json.load(open(path))
+  flags = r["hardware"].get("xla_flags") or "(none)"
+  print(f"{r['ours']['step_s_median']:.4f} s/step  {r['ours']['flops_per_s'] / r['hardware']['peak_flops']:.1%} MFU  {flags}")
+PYEOF
 fi
 [ "${FULL:-0}" = 1 ] || exit 0
 # What each choice adds: the same with scan over layers; the defaults (XLA attention with

@@ -163,15 +163,17 @@ def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
 
 
 def hardware_info(dtype: str) -> dict:
-  """JAX version and backend, device kind and count, CPU model and cores, and the peak FLOP/s the
-  fractions are taken of (`_peak_flops`) with where it comes from."""
+  """JAX version and backend, device kind and count, CPU model and cores, the XLA flags set in
+  the environment, and the peak FLOP/s the fractions are taken of (`_peak_flops`) with where it
+  comes from."""
   import jax
   device = jax.devices()[0]
   peak, peak_source = _peak_flops(jax, dtype)
   return {"jax": jax.__version__, "backend": jax.default_backend(),
           "device_kind": device.device_kind, "devices": jax.device_count(),
           "cpu": cpu_model_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-          "peak_flops": peak, "peak_source": peak_source}
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "peak_flops": peak,
+          "peak_source": peak_source}
 
 
 def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
@@ -237,6 +239,8 @@ def print_hardware(hw: dict) -> None:
   print(f"hardware: jax {hw['jax']} {hw['backend']} backend, {hw['devices']} x {hw['device_kind']}"
         f" | CPU: {hw['cpu']} | {hw['cores']} cores | load average {hw['load_average']:.2f}")
   print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hw['peak_source']})")
+  if hw.get("xla_flags"):
+    print(f"XLA_FLAGS: {hw['xla_flags']}")
 
 
 def _row(name: str, r: dict, peak: float | None) -> str:

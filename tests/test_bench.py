@@ -58,6 +58,9 @@ def test_bench_tiny_against_peft(tmp_path, capsys):
   assert "hardware: jax" in output and "analytic FLOPs/step" in output
   assert result["config"]["prompt"] == 4 and result["flops"]["total"] > 0
   assert result["hardware"]["peak_flops"] > 0
+  # the XLA flags of the run are part of its record (here conftest's 8 fake devices)
+  assert "--xla_force_host_platform_device_count=8" in result["hardware"]["xla_flags"]
+  assert "XLA_FLAGS: " in output
   for name in ("ours", "peft"):
     cells = _row(output, name)
     step_s, fraction = float(cells[1]), cells[6]
