@@ -71,6 +71,10 @@ def test_random_init_gives_scanned_and_unrolled_layers_the_same_numbers():
     for path, value in params.items():
       assert (value.shape, value.dtype) == (shapes[path].shape, shapes[path].dtype), path
       assert value.sharding == shardings[path], path
+  rematted = param_tree.flatten(build.init_params(cfg.replace(remat_policy="full"), key, mesh))
+  assert set(rematted) == set(unrolled)  # remat changes no parameter, nor its numbers
+  for path, value in rematted.items():
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(unrolled[path]), err_msg=path)
   host = build.unstack_layers({p: np.asarray(v, np.float32) for p, v in scanned.items()})
   assert set(host) == set(unrolled)
   for path, value in unrolled.items():
