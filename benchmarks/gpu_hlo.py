@@ -52,7 +52,6 @@ H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3
 
 _DEFINITION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w\-]+)\((.*?)\)(?:, |$)")
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-_OP = re.compile(r"= (?:\(.*?\)|\S+) ([\w\-]+)\(")  # an instruction line's op
 _DOT_OPERANDS = re.compile(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)")
 KERNEL_OPS = ("fusion", "custom-call", "copy", "transpose")  # what launches a kernel
 MEMORY_BOUND_OPS = ("fusion", "copy", "transpose")  # kernels that are not library calls
@@ -112,7 +111,7 @@ def gemm_prologues(hlo: str) -> tuple[int, collections.Counter]:
       continue
     fusions += 1
     for dot in _DOT_OPERANDS.finditer(bodies.get(called.group(1), "")):
-      ops = {m.group(1) for m in (_OP.search(lines.get(o, "")) for o in dot.groups()) if m}
+      ops = {m.group(3) for m in (_DEFINITION.match(lines.get(o, "")) for o in dot.groups()) if m}
       for computed in sorted(ops - {"parameter", "bitcast"}):
         found[computed] += 1
   return fusions, found

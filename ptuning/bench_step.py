@@ -67,9 +67,10 @@ def train_config(spec: dict, model_dir: str, model=None):
   from ptuning.model.config import get_preset
   from ptuning.train.experiment import TrainConfig
   if model is None:
-    model = get_preset(spec["model"]).replace(attention_impl=spec.get("attention", "recompute"),
-                                              param_dtype=spec.get("param_dtype", "float32"),
-                                              norm_barrier=spec.get("norm_barrier", True))
+    preset = get_preset(spec["model"])
+    model = preset.replace(attention_impl=spec.get("attention", "recompute"),
+                           param_dtype=spec.get("param_dtype", "float32"),
+                           norm_barrier=spec.get("norm_barrier", preset.norm_barrier))
   return TrainConfig(
       model_dir=model_dir, initial_checkpoint_path=None, model=model,
       method=make_method(spec["method"], spec["prompt"], spec["inputs"])[0],

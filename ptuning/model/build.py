@@ -84,11 +84,16 @@ def init_params(cfg: T5Config, rng: jax.Array, mesh: Mesh, rules=sharding.DEFAUL
     if match is None:
       out[path] = value
       continue
-    stack, rest = match.groups()
-    names = tuple(f"{stack}/layers_{i}/{rest}" for i in range(value.shape[0]))
+    names = _layer_paths(match, value.shape[0])
     out.update(zip(names, _layer_slicer(tuple(shardings[n] for n in names))(value)))
     del value  # the stacked leaf is freed before the next one is sliced
   return param_tree.unflatten(out)
+
+
+def _layer_paths(scanned: re.Match, layers: int) -> tuple[str, ...]:
+  """`encoder/layers/X` (a `_SCANNED` match) -> `encoder/layers_0/X`, ... `layers_{n-1}/X`."""
+  stack, rest = scanned.groups()
+  return tuple(f"{stack}/layers_{i}/{rest}" for i in range(layers))
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,10 +126,8 @@ def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
     if not match:
       out[path] = value
       continue
-    stack, rest = match.groups()
     value = np.asarray(value)
-    for i in range(value.shape[0]):
-      out[f"{stack}/layers_{i}/{rest}"] = value[i]
+    out.update(zip(_layer_paths(match, value.shape[0]), value))
   return out
 
 
