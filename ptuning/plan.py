@@ -132,7 +132,9 @@ def run(args) -> int:
   if os.environ.get(_CHILD_ENV) != str(devices):
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                    os.environ.get("XLA_FLAGS", ""))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **{_CHILD_ENV: str(devices)},
+    # PTUNING_CPU_ATTENTION=0: attention as the target's XLA compiles it, not the CPU kernel.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PTUNING_CPU_ATTENTION="0",
+               **{_CHILD_ENV: str(devices)},
                XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices} "
                f"{XLA_CPU_FLAGS}".strip())
     return subprocess.run([sys.executable, "-m", "ptuning", *args.argv], env=env).returncode

@@ -109,7 +109,9 @@ def test_recompute_gives_the_same_logits_loss_and_gradients(tmp_path, method, dr
   logits_p, loss_p, grads_p, _ = logits_loss_grads(exp, exp.model, batch, rng)
   logits_r, loss_r, grads_r, _ = logits_loss_grads(exp, exp.model.replace(attention_impl=impl),
                                                    batch, rng)
-  np.testing.assert_allclose(logits_r, logits_p, rtol=0, atol=1e-6)
+  # On CPU 'recompute' runs the fused kernel (tests/test_cpu_attention.py), which sums in
+  # another order than XLA: a few float32 rounding steps on logits of magnitude about 2.
+  np.testing.assert_allclose(logits_r, logits_p, rtol=0, atol=4e-6)
   assert loss_r == pytest.approx(loss_p, rel=1e-6)
   flat_p, flat_r = jax.tree.leaves_with_path(grads_p), jax.tree.leaves(grads_r)
   assert len(flat_p) == len(flat_r) and len(flat_p) >= (1 if method == "prompt_tuning" else 30)

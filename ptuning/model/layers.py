@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptuning.model import mixed_einsum
+from ptuning.model import cpu_attention, mixed_einsum
 from ptuning.model.flash_attention import fused_attention
 
 Array = jax.Array
@@ -145,13 +145,28 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array,
   return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def recomputed_attention(query: Array, key: Array, value: Array, bias: Array,
                          dropout_rng: Array | None, dropout_rate: float, dtype: jnp.dtype) -> Array:
   """`dot_product_attention` (same arguments, same forward) whose backward pass recomputes the
   `[B, H, Q, K]` scores and probabilities (and dropout mask) from the saved `query`, `key`,
   `value`, `bias` instead of keeping them: one more `Q x K` product per call in the backward, and
-  `[B, H, Q, K]` float32 buffers live for one call at a time instead of for every layer."""
+  `[B, H, Q, K]` float32 buffers live for one call at a time instead of for every layer.
+
+  On CPU, where `cpu_attention.supports` the call (float32, no dropout), the fused kernel of
+  `cpu_attention` computes it (the same recomputing backward, no `[B, H, Q, K]` buffers at all);
+  on other platforms, and otherwise, XLA does."""
+  xla = lambda q, k, v, b: _xla_recomputed_attention(q, k, v, b, dropout_rng, dropout_rate, dtype)
+  if cpu_attention.supports(query, key, value, bias, dropout_rng, dtype):
+    return jax.lax.platform_dependent(query, key, value, bias, cpu=cpu_attention.attention,
+                                      default=xla)
+  return xla(query, key, value, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _xla_recomputed_attention(query: Array, key: Array, value: Array, bias: Array,
+                              dropout_rng: Array | None, dropout_rate: float,
+                              dtype: jnp.dtype) -> Array:
+  """`recomputed_attention` in XLA on every platform."""
   return dot_product_attention(query, key, value, bias, dropout_rng, dropout_rate, dtype)
 
 
@@ -206,7 +221,7 @@ def _low_precision_attention_grads(query, key, value, bias, dropout_rng, dropout
           grad_value.astype(value.dtype), grad_bias)
 
 
-recomputed_attention.defvjp(_recomputed_fwd, _recomputed_bwd)
+_xla_recomputed_attention.defvjp(_recomputed_fwd, _recomputed_bwd)
 
 
 class MultiHeadAttention(nn.Module):

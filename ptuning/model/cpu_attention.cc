@@ -1,0 +1,329 @@
+// Fused T5 attention for XLA:CPU (float32): `ptuning/model/cpu_attention.py` compiles this file
+// with the host's compiler (-march=native) and registers its two handlers as XLA FFI targets.
+//
+//   forward   q [B, Q, H, D], k, v [B, K, H, D], bias [Bb, Hb, Qb, K]  ->  out [B, Q, H, D]
+//   backward  q, k, v, bias, dout [B, Q, H, D]                         ->  dq, dk, dv
+//
+// out = softmax(q k^T + bias) v per (batch, head), logits unscaled (T5); bias broadcasts over its
+// size-1 dimensions (Bb in {1, B}, Hb in {1, H}, Qb in {1, Q}). The backward recomputes the
+// probabilities. Each (batch, head) pair is one work item for XLA's intra-op thread pool; inside
+// it, blocks of kQueryBlock query rows go through small register-blocked products whose operands
+// stay in the core's caches, so no [B, H, Q, K] tensor is ever written to memory.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;    // floats per vector register
+constexpr int kRows = 6;      // micro-tile rows (C[kRows, kVectors * kLanes] in registers)
+constexpr int kVectors = 4;
+#else
+constexpr int kLanes = 8;
+constexpr int kRows = 4;
+constexpr int kVectors = 2;
+#endif
+constexpr int kQueryBlock = 96;  // query rows per block: a [96, K] probability tile per thread
+
+typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));  // unaligned access
+
+inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+inline Vec splat(float x) { return x - Vec{}; }  // x in every lane
+
+// C[R, V * kLanes] (+)= sum_k a(r, k) B[k, :], a(r, k) = A[r * ars + k * acs], B rows ldb apart.
+template <int R, int V>
+inline void MicroTile(int64_t depth, const float* A, int64_t ars, int64_t acs, const float* B,
+                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  Vec acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? load(C + r * ldc + v * kLanes) : Vec{};
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec b[V];
+    for (int v = 0; v < V; ++v) b[v] = load(B + k * ldb + v * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const Vec a = splat(A[r * ars + k * acs]);
+      for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) store(C + r * ldc + v * kLanes, acc[r][v]);
+}
+
+template <int R>
+inline void MicroRow(int v, int64_t depth, const float* A, int64_t ars, int64_t acs,
+                     const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  static_assert(kVectors == 4 || kVectors == 2);
+  switch (v) {
+    case 1: return MicroTile<R, 1>(depth, A, ars, acs, B, ldb, C, ldc, accumulate);
+    case 2: return MicroTile<R, 2>(depth, A, ars, acs, B, ldb, C, ldc, accumulate);
+#if defined(__AVX512F__)
+    case 3: return MicroTile<R, 3>(depth, A, ars, acs, B, ldb, C, ldc, accumulate);
+    case 4: return MicroTile<R, 4>(depth, A, ars, acs, B, ldb, C, ldc, accumulate);
+#endif
+  }
+}
+
+// C[M, N] (+)= A[M, depth] B[depth, N] with a(m, k) = A[m * ars + k * acs]; N % kLanes == 0.
+void Gemm(int64_t M, int64_t N, int64_t depth, const float* A, int64_t ars, int64_t acs,
+          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  for (int64_t n0 = 0; n0 < N; n0 += kVectors * kLanes) {
+    const int v = static_cast<int>(std::min<int64_t>(kVectors, (N - n0) / kLanes));
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {
+      const float* a = A + m0 * ars;
+      float* c = C + m0 * ldc + n0;
+      switch (std::min<int64_t>(kRows, M - m0)) {
+        case 1: MicroRow<1>(v, depth, a, ars, acs, B + n0, ldb, c, ldc, accumulate); break;
+        case 2: MicroRow<2>(v, depth, a, ars, acs, B + n0, ldb, c, ldc, accumulate); break;
+        case 3: MicroRow<3>(v, depth, a, ars, acs, B + n0, ldb, c, ldc, accumulate); break;
+        case 4: MicroRow<4>(v, depth, a, ars, acs, B + n0, ldb, c, ldc, accumulate); break;
+#if defined(__AVX512F__)
+        case 5: MicroRow<5>(v, depth, a, ars, acs, B + n0, ldb, c, ldc, accumulate); break;
+        case 6: MicroRow<6>(v, depth, a, ars, acs, B + n0, ldb, c, ldc, accumulate); break;
+#endif
+      }
+    }
+  }
+}
+
+// exp(x) for one vector: 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2, degree-6 polynomial
+// (relative error about 2e-7); 0 below -87.3 (where float32 exp underflows), as masks need.
+inline Vec Exp(Vec x) {
+  const Vec clamped = x < splat(-87.3f) ? splat(-87.3f) : (x > splat(88.3f) ? splat(88.3f) : x);
+  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec n = (clamped * splat(1.44269504088896341f) + magic) - magic;
+  const Vec r = clamped - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+  Vec p = splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  typedef int32_t IVec __attribute__((vector_size(kLanes * 4)));
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const Vec y = p * scale;
+  return x < splat(-87.3f) ? Vec{} : y;
+}
+
+struct Shape {
+  int64_t batch, queries, keys, heads, depth;       // B, Q, K, H, D
+  int64_t bias_batch, bias_head, bias_query;        // strides in the bias (0 where broadcast)
+  int64_t padded_keys;                              // K rounded up to kLanes
+  int64_t row() const { return heads * depth; }     // distance between rows of q, k, v
+};
+
+struct Scratch {  // per thread, grown as needed, reused across calls
+  std::vector<float> keys_t, values_t, probs, grads;
+  void Reserve(const Shape& s) {
+    const size_t kt = s.depth * s.padded_keys, tile = kQueryBlock * s.padded_keys;
+    if (keys_t.size() < kt) keys_t.assign(kt, 0.f), values_t.assign(kt, 0.f);
+    if (probs.size() < tile) probs.assign(tile, 0.f), grads.assign(tile, 0.f);
+  }
+};
+thread_local Scratch scratch;
+
+// dst[D, padded_keys] = src[K, D] transposed (src rows `row` apart), padding columns zero.
+void Transpose(const Shape& s, const float* src, float* dst) {
+  for (int64_t d = 0; d < s.depth; ++d) {
+    float* out = dst + d * s.padded_keys;
+    for (int64_t j = 0; j < s.keys; ++j) out[j] = src[j * s.row() + d];
+    for (int64_t j = s.keys; j < s.padded_keys; ++j) out[j] = 0.f;
+  }
+}
+
+// probs[m, K] = softmax(q[q0:q0+m] k^T + bias) for one (batch, head); keys_t from Transpose.
+void Probabilities(const Shape& s, const float* q, const float* keys_t, const float* bias,
+                   int64_t q0, int64_t m, float* probs) {
+  Gemm(m, s.padded_keys, s.depth, q + q0 * s.row(), s.row(), 1, keys_t, s.padded_keys, probs,
+       s.padded_keys, false);
+  const int64_t full = s.keys / kLanes * kLanes;
+  for (int64_t i = 0; i < m; ++i) {
+    float* p = probs + i * s.padded_keys;
+    const float* b = bias + (q0 + i) * s.bias_query;
+    Vec top_v = splat(-INFINITY);
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const Vec x = load(p + j) + load(b + j);
+      store(p + j, x);
+      top_v = x > top_v ? x : top_v;
+    }
+    float top = -INFINITY;
+    for (int l = 0; l < kLanes; ++l) top = std::max(top, top_v[l]);
+    for (int64_t j = full; j < s.keys; ++j) top = std::max(top, p[j] += b[j]);
+    Vec sum_v{};
+    for (int64_t j = 0; j < full; j += kLanes) {
+      const Vec e = Exp(load(p + j) - splat(top));
+      store(p + j, e);
+      sum_v += e;
+    }
+    float sum = 0.f;
+    for (int l = 0; l < kLanes; ++l) sum += sum_v[l];
+    if (full < s.keys) {  // the tail, through the padded row (columns >= K are ignored)
+      const Vec e = Exp(load(p + full) - splat(top));
+      for (int64_t j = full; j < s.keys; ++j) sum += (p[j] = e[j - full]);
+    }
+    const Vec inv = splat(1.f / sum);
+    for (int64_t j = 0; j < s.padded_keys; j += kLanes) store(p + j, load(p + j) * inv);
+    for (int64_t j = s.keys; j < s.padded_keys; ++j) p[j] = 0.f;
+  }
+}
+
+void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
+             const float* bias, float* out) {
+  scratch.Reserve(s);
+  const int64_t offset = b * s.queries * s.row() + h * s.depth;
+  const int64_t kv_offset = b * s.keys * s.row() + h * s.depth;
+  const float* bias_bh = bias + b * s.bias_batch + h * s.bias_head;
+  Transpose(s, k + kv_offset, scratch.keys_t.data());
+  for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
+    const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
+    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, scratch.probs.data());
+    Gemm(m, s.depth, s.keys, scratch.probs.data(), s.padded_keys, 1, v + kv_offset, s.row(),
+         out + offset + q0 * s.row(), s.row(), false);
+  }
+}
+
+void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
+              const float* bias, const float* dout, float* dq, float* dk, float* dv) {
+  scratch.Reserve(s);
+  const int64_t offset = b * s.queries * s.row() + h * s.depth;
+  const int64_t kv_offset = b * s.keys * s.row() + h * s.depth;
+  const float* bias_bh = bias + b * s.bias_batch + h * s.bias_head;
+  float* probs = scratch.probs.data();
+  float* grads = scratch.grads.data();
+  Transpose(s, k + kv_offset, scratch.keys_t.data());
+  Transpose(s, v + kv_offset, scratch.values_t.data());
+  for (int64_t j = 0; j < s.keys; ++j) {
+    std::memset(dk + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
+    std::memset(dv + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
+  }
+  for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
+    const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
+    const float* q_blk = q + offset + q0 * s.row();
+    const float* dout_blk = dout + offset + q0 * s.row();
+    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, probs);
+    // dP = dout v^T; dS = P * (dP - rowsum(P * dP)).
+    Gemm(m, s.padded_keys, s.depth, dout_blk, s.row(), 1, scratch.values_t.data(), s.padded_keys,
+         grads, s.padded_keys, false);
+    for (int64_t i = 0; i < m; ++i) {
+      float* g = grads + i * s.padded_keys;
+      const float* p = probs + i * s.padded_keys;
+      Vec dot_v{};
+      for (int64_t j = 0; j < s.padded_keys; j += kLanes) dot_v += load(p + j) * load(g + j);
+      float dot = 0.f;
+      for (int l = 0; l < kLanes; ++l) dot += dot_v[l];
+      for (int64_t j = 0; j < s.padded_keys; j += kLanes)
+        store(g + j, load(p + j) * (load(g + j) - splat(dot)));
+    }
+    Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, k + kv_offset, s.row(),
+         dq + offset + q0 * s.row(), s.row(), false);
+    // dk += dS^T q, dv += P^T dout: the tiles read transposed (a(j, i) = tile[i, j]).
+    Gemm(s.keys, s.depth, m, grads, 1, s.padded_keys, q_blk, s.row(), dk + kv_offset, s.row(),
+         true);
+    Gemm(s.keys, s.depth, m, probs, 1, s.padded_keys, dout_blk, s.row(), dv + kv_offset, s.row(),
+         true);
+  }
+}
+
+// Runs body(i) for i in [0, n) on the caller and XLA's intra-op pool. Pool tasks that start after
+// the work is taken return without touching `body`; the caller waits only for items in progress.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [state, n, &body] {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      body(i);
+      state->done.fetch_add(1);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load() < n) std::this_thread::yield();
+}
+
+template <typename Buf>
+ffi::Error MakeShape(const Buf& q, const Buf& k, const Buf& v, const Buf& bias, Shape* s) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
+             bd = bias.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4)
+    return ffi::Error::InvalidArgument("attention: q, k, v and bias must have rank 4");
+  s->batch = qd[0], s->queries = qd[1], s->heads = qd[2], s->depth = qd[3], s->keys = kd[1];
+  if (kd[0] != s->batch || kd[2] != s->heads || kd[3] != s->depth ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()))
+    return ffi::Error::InvalidArgument("attention: k and v must be [B, K, H, D] matching q");
+  if (s->depth % kLanes != 0)
+    return ffi::Error::InvalidArgument("attention: head depth must be a multiple of the lanes");
+  if ((bd[0] != 1 && bd[0] != s->batch) || (bd[1] != 1 && bd[1] != s->heads) ||
+      (bd[2] != 1 && bd[2] != s->queries) || bd[3] != s->keys)
+    return ffi::Error::InvalidArgument("attention: bias must broadcast to [B, H, Q, K]");
+  s->bias_query = bd[2] == 1 ? 0 : s->keys;
+  s->bias_head = bd[1] == 1 ? 0 : bd[2] * s->keys;
+  s->bias_batch = bd[0] == 1 ? 0 : bd[1] * bd[2] * s->keys;
+  s->padded_keys = (s->keys + kLanes - 1) / kLanes * kLanes;
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                            ffi::ResultBuffer<ffi::F32> out) {
+  Shape s;
+  if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
+  ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
+    Forward(s, i / s.heads, i % s.heads, q.typed_data(), k.typed_data(), v.typed_data(),
+            bias.typed_data(), out->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  Shape s;
+  if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
+  ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
+    Backward(s, i / s.heads, i % s.heads, q.typed_data(), k.typed_data(), v.typed_data(),
+             bias.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
+             dv->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionForward, AttentionForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
