@@ -173,7 +173,16 @@ def hardware_info(dtype: str) -> dict:
           "device_kind": device.device_kind, "devices": jax.device_count(),
           "cpu": cpu_model_name(), "cores": os.cpu_count(), "platform": platform.platform(),
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "peak_flops": peak,
-          "peak_source": peak_source}
+          "peak_source": peak_source, "cpu_attention_kernel": _cpu_attention_kernel(jax)}
+
+
+def _cpu_attention_kernel(jax) -> bool | None:
+  """Whether float32 attention runs the fused CPU kernel (`ptuning/model/cpu_attention.py`);
+  None off CPU."""
+  if jax.default_backend() != "cpu":
+    return None
+  from ptuning.model import cpu_attention
+  return cpu_attention.available()
 
 
 def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
@@ -241,6 +250,8 @@ def print_hardware(hw: dict) -> None:
   print(f"peak: {f'{peak / 1e9:,.1f} GFLOP/s' if peak else 'unknown'} ({hw['peak_source']})")
   if hw.get("xla_flags"):
     print(f"XLA_FLAGS: {hw['xla_flags']}")
+  if hw.get("cpu_attention_kernel") is not None:
+    print(f"fused CPU attention kernel (float32): {'on' if hw['cpu_attention_kernel'] else 'off'}")
 
 
 def _row(name: str, r: dict, peak: float | None) -> str:

@@ -61,6 +61,9 @@ def test_bench_tiny_against_peft(tmp_path, capsys):
   # the XLA flags of the run are part of its record (here conftest's 8 fake devices)
   assert "--xla_force_host_platform_device_count=8" in result["hardware"]["xla_flags"]
   assert "XLA_FLAGS: " in output
+  # ... and whether float32 attention ran the fused CPU kernel
+  assert result["hardware"]["cpu_attention_kernel"] is True
+  assert "fused CPU attention kernel (float32): on" in output
   for name in ("ours", "peft"):
     cells = _row(output, name)
     step_s, fraction = float(cells[1]), cells[6]

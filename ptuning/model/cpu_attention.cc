@@ -36,6 +36,7 @@ constexpr int kVectors = 2;
 constexpr int kQueryBlock = 96;  // query rows per block: a [96, K] probability tile per thread
 
 typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));  // unaligned access
+typedef int32_t IVec __attribute__((vector_size(kLanes * 4)));
 
 inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
@@ -109,7 +110,6 @@ inline Vec Exp(Vec x) {
   p = p * r + splat(1.6666665459e-1f);
   p = p * r + splat(5.0000001201e-1f);
   p = p * r * r + r + splat(1.0f);
-  typedef int32_t IVec __attribute__((vector_size(kLanes * 4)));
   const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
   Vec scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -134,12 +134,37 @@ struct Scratch {  // per thread, grown as needed, reused across calls
 };
 thread_local Scratch scratch;
 
-// dst[D, padded_keys] = src[K, D] transposed (src rows `row` apart), padding columns zero.
+// One butterfly stage of a kLanes x kLanes transpose held in `r` (row i = r[i]): in every 2h x 2h
+// block, the upper right and lower left h x h blocks swap. Stages h = kLanes / 2, ..., 1 transpose.
+template <int h>
+inline void SwapBlocks(Vec* r) {
+  IVec upper, lower;
+  for (int k = 0; k < kLanes; ++k) {
+    upper[k] = (k & h) ? kLanes + k - h : k;
+    lower[k] = (k & h) ? kLanes + k : k + h;
+  }
+  for (int i = 0; i < kLanes; ++i) {
+    if (i & h) continue;
+    const Vec a = r[i], b = r[i + h];
+    r[i] = __builtin_shuffle(a, b, upper);
+    r[i + h] = __builtin_shuffle(a, b, lower);
+  }
+}
+
+// dst[D, padded_keys] = src[K, D] transposed (src rows `row` apart), padding columns zero:
+// kLanes x kLanes tiles transposed in registers.
 void Transpose(const Shape& s, const float* src, float* dst) {
-  for (int64_t d = 0; d < s.depth; ++d) {
-    float* out = dst + d * s.padded_keys;
-    for (int64_t j = 0; j < s.keys; ++j) out[j] = src[j * s.row() + d];
-    for (int64_t j = s.keys; j < s.padded_keys; ++j) out[j] = 0.f;
+  for (int64_t j0 = 0; j0 < s.padded_keys; j0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, s.keys - j0);
+    for (int64_t d0 = 0; d0 < s.depth; d0 += kLanes) {
+      Vec r[kLanes];
+      for (int j = 0; j < kLanes; ++j) r[j] = j < n ? load(src + (j0 + j) * s.row() + d0) : Vec{};
+      if constexpr (kLanes == 16) SwapBlocks<8>(r);
+      SwapBlocks<4>(r);
+      SwapBlocks<2>(r);
+      SwapBlocks<1>(r);
+      for (int d = 0; d < kLanes; ++d) store(dst + (d0 + d) * s.padded_keys + j0, r[d]);
+    }
   }
 }
 
