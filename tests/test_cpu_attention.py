@@ -87,6 +87,15 @@ def test_dropout_and_low_precision_stay_in_xla(dropout, dtype):
   assert "ptuning_attention" not in hlo and " dot(" in hlo
 
 
+def test_a_bias_broadcast_over_the_keys_stays_in_xla():
+  q, k, v, _, _ = operands(2, 16, 16, 2, 16, (1, 2, 16, 16))
+  bias = jnp.zeros((2, 1, 16, 1), jnp.float32)
+  assert not cpu_attention.supports(q, k, v, bias, None, jnp.float32)
+  assert cpu_attention.supports(q, k, v, jnp.zeros((2, 1, 1, 16)), None, jnp.float32)
+  out = layers.recomputed_attention(q, k, v, bias, None, 0.0, jnp.float32)
+  np.testing.assert_allclose(out, layers.dot_product_attention(q, k, v, bias), rtol=1e-6)
+
+
 def test_programs_for_other_platforms_never_see_the_custom_call():
   q, k, v, bias, _ = operands(2, 16, 16, 2, 16, (1, 2, 16, 16))
   attend = jax.jit(lambda q, k, v: layers.recomputed_attention(q, k, v, bias, None, 0.0,

@@ -18,7 +18,8 @@ reason) and attention stays in XLA. `layers.recomputed_attention` calls `attenti
 
 The bias gradient is not computed by the kernel: `attention`'s backward returns it from XLA's
 own attention gradient, which XLA removes as dead code when nothing uses it (prompt tuning: the
-position-bias table is frozen); full fine-tuning pays for that XLA computation as before.
+position-bias table is frozen); full fine-tuning pays for that XLA computation beside the
+kernel's.
 """
 
 from __future__ import annotations
@@ -110,13 +111,18 @@ def available() -> bool:
 
 def supports(query: Array, key: Array, value: Array, bias: Array, dropout_rng, dtype) -> bool:
   """Whether `attention` computes this call: float32 throughout, no dropout, `[B, *, H, D]`
-  operands and a bias broadcastable to `[B, H, Q, K]`."""
+  operands and a bias broadcastable to `[B, H, Q, K]` with all K keys (a bias broadcast over
+  the keys, `[..., 1]`, stays in XLA)."""
   f32 = jnp.dtype(jnp.float32)
   arrays = (query, key, value, bias)
-  return (dropout_rng is None and jnp.dtype(dtype) == f32
+  if not (query.ndim == key.ndim == value.ndim == 4 and bias.ndim <= 4):
+    return False
+  full = (query.shape[0], query.shape[2], query.shape[1], key.shape[1])  # [B, H, Q, K]
+  bias_shape = (1,) * (4 - bias.ndim) + tuple(bias.shape)
+  broadcastable = bias_shape[3] == full[3] and all(b in (1, n) for b, n in zip(bias_shape, full))
+  return (dropout_rng is None and jnp.dtype(dtype) == f32 and broadcastable
           and all(jnp.dtype(a.dtype) == f32 for a in arrays)
-          and query.ndim == key.ndim == value.ndim == 4 and bias.ndim <= 4
-          and available())
+          and jax.default_backend() == "cpu" and available())  # GPU/TPU hosts: no build
 
 
 def _bias4(bias: Array) -> Array:
