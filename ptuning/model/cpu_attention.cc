@@ -122,6 +122,10 @@ struct Shape {
   int64_t bias_batch, bias_head, bias_query;        // strides in the bias (0 where broadcast)
   int64_t padded_keys;                              // K rounded up to kLanes
   int64_t row() const { return heads * depth; }     // distance between rows of q, k, v
+  // Where (batch b, head h) starts in q / dout, in k / v, and in the bias.
+  int64_t query_offset(int64_t b, int64_t h) const { return b * queries * row() + h * depth; }
+  int64_t key_offset(int64_t b, int64_t h) const { return b * keys * row() + h * depth; }
+  int64_t bias_offset(int64_t b, int64_t h) const { return b * bias_batch + h * bias_head; }
 };
 
 struct Scratch {  // per thread, grown as needed, reused across calls
@@ -207,9 +211,8 @@ void Probabilities(const Shape& s, const float* q, const float* keys_t, const fl
 void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
              const float* bias, float* out) {
   scratch.Reserve(s);
-  const int64_t offset = b * s.queries * s.row() + h * s.depth;
-  const int64_t kv_offset = b * s.keys * s.row() + h * s.depth;
-  const float* bias_bh = bias + b * s.bias_batch + h * s.bias_head;
+  const int64_t offset = s.query_offset(b, h), kv_offset = s.key_offset(b, h);
+  const float* bias_bh = bias + s.bias_offset(b, h);
   Transpose(s, k + kv_offset, scratch.keys_t.data());
   for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
     const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
@@ -222,9 +225,8 @@ void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* 
 void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
               const float* bias, const float* dout, float* dq, float* dk, float* dv) {
   scratch.Reserve(s);
-  const int64_t offset = b * s.queries * s.row() + h * s.depth;
-  const int64_t kv_offset = b * s.keys * s.row() + h * s.depth;
-  const float* bias_bh = bias + b * s.bias_batch + h * s.bias_head;
+  const int64_t offset = s.query_offset(b, h), kv_offset = s.key_offset(b, h);
+  const float* bias_bh = bias + s.bias_offset(b, h);
   float* probs = scratch.probs.data();
   float* grads = scratch.grads.data();
   Transpose(s, k + kv_offset, scratch.keys_t.data());

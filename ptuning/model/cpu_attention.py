@@ -129,12 +129,6 @@ def _bias4(bias: Array) -> Array:
   return bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
 
 
-def reference(query: Array, key: Array, value: Array, bias: Array) -> Array:
-  """What `attention` computes, in XLA: `softmax(q k^T + bias) v` per (batch, head)."""
-  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key) + bias
-  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), value)
-
-
 def _forward_call(query, key, value, bias):
   return jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct(query.shape, jnp.float32),
                           vmap_method="sequential")(query, key, value, bias)
@@ -182,9 +176,12 @@ def _pad_depth(x: Array) -> Array:
 @jax.custom_vjp
 def attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
   """`query [B, Q, H, D]`, `key`, `value [B, K, H, D]`, `bias` broadcastable to `[B, H, Q, K]`
-  (all float32) -> `[B, Q, H, D]` through the fused kernel (call `available()` first). A depth
-  that is not a multiple of 16 is zero-padded to one. Sharded over batch and heads as its
-  operands are (`_per_shard`)."""
+  (all float32) -> `[B, Q, H, D]` through the fused kernel (built and registered here on first
+  use; an error where `available()` is False). A depth that is not a multiple of 16 is
+  zero-padded to one. Sharded over batch and heads as its operands are (`_per_shard`)."""
+  if not available():
+    raise RuntimeError("the fused CPU attention kernel is not available (see the warning above); "
+                       "call it only where cpu_attention.supports(...) holds")
   depth = query.shape[-1]
   return _per_shard(_forward_call, *map(_pad_depth, (query, key, value)), _bias4(bias))[..., :depth]
 
@@ -198,8 +195,10 @@ def _attention_bwd(residuals, grad):
   depth = query.shape[-1]
   grads = _per_shard(_backward_call, *map(_pad_depth, (query, key, value)), _bias4(bias),
                      _pad_depth(grad))
-  # XLA's bias gradient: dead code (removed) unless the bias is differentiated.
-  _, bias_vjp = jax.vjp(lambda b: reference(query, key, value, b), bias)
+  # XLA's bias gradient, of the very function the kernel replaces: dead code (removed) unless
+  # the bias is differentiated. (Imported here: `layers` imports this module.)
+  from ptuning.model.layers import dot_product_attention
+  _, bias_vjp = jax.vjp(lambda b: dot_product_attention(query, key, value, b), bias)
   return (*(g[..., :depth] for g in grads), bias_vjp(grad)[0])
 
 
