@@ -38,7 +38,6 @@ GPU_PEAKS = (("H100 PCIe", {"bfloat16": 756e12, "float32": 51e12}),
              ("H100", {"bfloat16": 989e12, "float32": 67e12}),
              ("H200", {"bfloat16": 989e12, "float32": 67e12}),
              ("A100", {"bfloat16": 312e12, "float32": 19.5e12}))
-PEAK_MATMUL = 2048  # CPU peak: best of several jitted [n, n] @ [n, n] products
 
 
 def prompt_tuning_step_flops(cfg, batch: int, inputs: int, targets: int, prompt: int) -> dict:
@@ -140,35 +139,28 @@ def _summary(times: list[float], flops: dict, spec: dict) -> dict:
           "flops_per_s": flops["total"] / median}
 
 
-def _peak_flops(jax, dtype: str) -> tuple[float | None, str]:
-  """(FLOP/s, how it was found): datasheet for known GPUs, a timed matmul on CPU."""
+def _peak_flops(jax, dtype: str, probe=None) -> tuple[float | None, str]:
+  """(FLOP/s, how it was found): datasheet for known GPUs, a timed matmul elsewhere (`probe`, a
+  `bench_peak.MatmulPeak`, or a new one)."""
   device = jax.devices()[0]
   if device.platform == "gpu":
     for name, peaks in GPU_PEAKS:
       if name in device.device_kind:
         return peaks[dtype], f"datasheet {name} {dtype} dense"
     return None, f"unknown peak for {device.device_kind}"
-  import jax.numpy as jnp
-  best = {}
-  for dt in sorted({"float32", dtype}):
-    a = jax.random.normal(jax.random.key(0), (PEAK_MATMUL, PEAK_MATMUL), dt)
-    # float32 accumulation, cast back: the product the model runs (mixed_einsum); for bfloat16
-    # on CPU about 2x faster than bfloat16 in and out.
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-    dot(a, a).block_until_ready()
-    best[dt] = min(time_steps(lambda _: dot(a, a).block_until_ready(), [None] * 5, 0))
-  dt = min(best, key=best.get)
-  return (2 * PEAK_MATMUL**3 / best[dt],
-          f"measured: best {PEAK_MATMUL}^3 {dt} jnp.dot on {os.cpu_count()} cores")
+  if probe is None:
+    from ptuning.bench_peak import MatmulPeak
+    probe = MatmulPeak(dtype)
+  return probe.flops, probe.source
 
 
-def hardware_info(dtype: str) -> dict:
+def hardware_info(dtype: str, probe=None) -> dict:
   """JAX version and backend, device kind and count, CPU model and cores, the XLA flags set in
-  the environment, and the peak FLOP/s the fractions are taken of (`_peak_flops`) with where it
-  comes from."""
+  the environment, and the peak FLOP/s the fractions are taken of (`_peak_flops`, from `probe`
+  where given) with where it comes from."""
   import jax
   device = jax.devices()[0]
-  peak, peak_source = _peak_flops(jax, dtype)
+  peak, peak_source = _peak_flops(jax, dtype, probe)
   return {"jax": jax.__version__, "backend": jax.default_backend(),
           "device_kind": device.device_kind, "devices": jax.device_count(),
           "cpu": cpu_model_name(), "cores": os.cpu_count(), "platform": platform.platform(),
@@ -193,7 +185,11 @@ def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
   from ptuning.bench_rounds import time_with_peer
   from ptuning.bench_step import CompiledStep
 
-  hardware = hardware_info(spec["dtype"])
+  probe = None
+  if jax.devices()[0].platform != "gpu":  # the matmul rate, before the steps and in each round
+    from ptuning.bench_peak import MatmulPeak
+    probe = MatmulPeak(spec["dtype"])
+  hardware = hardware_info(spec["dtype"], probe)
   rss_before = peak_rss_bytes()
   start = time.perf_counter()
   step = CompiledStep(spec)  # the one compiled executable, every step; the state is donated
@@ -202,7 +198,12 @@ def bench_ours(spec: dict, flops: dict, peer=None) -> dict:
         f"{step.compile_s:.1f} s); timing {spec['warmup']} + {spec['steps']} steps", flush=True)
   build_rss = peak_rss_bytes()
   steps_rss = reset_peak_rss()  # from here: the training steps' peak, after build and compile
-  out = _summary(time_with_peer(step, step.batches, spec["warmup"], peer), flops, spec)
+  out = _summary(time_with_peer(step, step.batches, spec["warmup"], peer, probe), flops, spec)
+  if probe is not None:
+    from ptuning.bench_peak import paired_fraction
+    out["round_peak_flops"] = [probe.rounds[i] for i in range(spec["warmup"], len(step.batches))]
+    out["fraction_of_peak_paired"] = paired_fraction(flops["total"], out["step_s_all"],
+                                                     out["round_peak_flops"])
   if spec.get("profile"):
     from ptuning import bench_profile
     out["profile"] = bench_profile.profile_step(lambda: step(step.batches[-1]),
@@ -260,6 +261,20 @@ def _row(name: str, r: dict, peak: float | None) -> str:
           f"{r['tokens_per_s_with_prompt']:>14,.0f}{r['flops_per_s'] / 1e9:>11.2f}{fraction:>9}"
           f"{r['peak_rss'] / 2**30:>13.2f}"
           f"{r['steps_peak_rss'] / 2**30 if r.get('steps_peak_rss') else float('nan'):>14.2f}")
+
+
+def _print_paired_fractions(flops: float, ours: dict, peer: dict | None) -> None:
+  """The fractions of peak against each round's own matmul rate (`bench_peak`); `peer` (PEFT in
+  rounds with ours) gets its `fraction_of_peak_paired` here."""
+  from ptuning.bench_peak import SIZE, paired_fraction
+  rates = ours["round_peak_flops"]
+  line = f"ours {100 * ours['fraction_of_peak_paired']:.1f}%"
+  if peer is not None:
+    peer["fraction_of_peak_paired"] = paired_fraction(flops, peer["step_s_all"], rates)
+    line += f", peft {100 * peer['fraction_of_peak_paired']:.1f}%"
+  print(f"of peak, paired (median over {len(rates)} rounds of each step's FLOP/s over the "
+        f"{SIZE}^3 matmul timed in its round, {min(rates) / 1e9:,.0f}-{max(rates) / 1e9:,.0f} "
+        f"GFLOP/s): {line}")
 
 
 def run(args) -> int:
@@ -344,6 +359,8 @@ def run(args) -> int:
       paired = paired_ratio(peft_result["step_s_all"], ours["step_s_all"])
       print(f"speedup vs peft, median of {len(ours['step_s_all'])} paired rounds (alternating "
             f"order): {paired:.3f}")
+  if "fraction_of_peak_paired" in ours:
+    _print_paired_fractions(flops["total"], ours, peft_result if peer is not None else None)
   if "profile" in ours:
     from ptuning import bench_profile
     bench_profile.print_profile(ours["profile"], ours["step_s_median"])

@@ -22,7 +22,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if TYPE_CHECKING:
+  from ptuning.bench_peak import MatmulPeak
 
 READY = "@ptuning-bench-peer ready"  # protocol lines on the worker's stdout start with '@'
 DONE = "@ptuning-bench-peer done"
@@ -49,14 +52,21 @@ def interleave(steps: dict[str, Callable[[Any], Any]], batches: dict[str, Sequen
 
 
 def time_with_peer(step: Callable[[Any], Any], batches: Sequence, warmup: int,
-                   peer: "PeerProcess | None" = None) -> list[float]:
+                   peer: "PeerProcess | None" = None, probe: "MatmulPeak | None" = None
+                   ) -> list[float]:
   """Seconds of our `step(batch)` after the first `warmup`: alone (`bench.time_steps`), or, with
-  a peer, each batch in a round with the peer's step of the same index (`interleave`)."""
+  a peer and / or a `bench_peak.MatmulPeak` probe, each batch in a round with the peer's step of
+  the same index and the probe's matmul sample (`interleave`; the probe keeps its rates)."""
   from ptuning.bench import time_steps
-  if peer is None:
+  if peer is None and probe is None:
     return time_steps(step, batches, warmup)
-  return interleave({"ours": step, "peer": peer.step},
-                    {"ours": batches, "peer": range(len(batches))}, warmup)["ours"]
+  steps, indices = {"ours": step}, range(len(batches))
+  if peer is not None:
+    steps["peer"] = peer.step
+  if probe is not None:
+    steps["peak"] = probe.sample
+  return interleave(steps, {name: batches if name == "ours" else indices for name in steps},
+                    warmup)["ours"]
 
 
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:

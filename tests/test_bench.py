@@ -268,6 +268,20 @@ def test_bench_against_peft_in_paired_rounds(tmp_path, capsys):
   match = re.search(r"^speedup vs peft, median of 3 paired rounds \(alternating order\): "
                     r"(\d+\.\d{3})$", output, re.M)
   assert match and float(match.group(1)) == pytest.approx(ratios[1], abs=5e-4)
+  # Fractions of peak against the matmul timed in each round (bench_peak): one rate per timed
+  # round, and each side's figure the median of its per-round fractions.
+  rates, flops = result["ours"]["round_peak_flops"], result["flops"]["total"]
+  assert len(rates) == 3 and all(r > 0 for r in rates)
+  for name, times in (("ours", ours), ("peft", peft)):
+    fractions = sorted(flops / t / r for t, r in zip(times, rates))
+    assert result[name]["fraction_of_peak_paired"] == pytest.approx(fractions[1])
+  match = re.search(r"^of peak, paired \(median over 3 rounds .*\): ours (\d+\.\d)%, "
+                    r"peft (\d+\.\d)%$", output, re.M)
+  assert match, output
+  assert float(match.group(1)) == pytest.approx(
+      100 * result["ours"]["fraction_of_peak_paired"], abs=0.05)
+  assert float(match.group(2)) == pytest.approx(
+      100 * result["peft"]["fraction_of_peak_paired"], abs=0.05)
   with pytest.raises(SystemExit, match="add --vs peft"):
     main(["bench", "--model", "tiny_t5_1_1", "--batch", "4", "--inputs", "16", "--targets", "4",
           "--prompt", "4", "--paired"])
@@ -473,3 +487,15 @@ def test_gpu_hlo_finds_work_fused_in_front_of_a_gemm():
       "calls=%scaled_gemm",
       "}"])
   assert gpu_hlo.gemm_prologues(hlo) == (2, {"multiply": 1})
+
+
+def test_the_matmul_peak_probe_samples_each_round_it_is_given():
+  from ptuning.bench_peak import SIZE, MatmulPeak, paired_fraction
+  from ptuning.bench_rounds import time_with_peer
+  probe = MatmulPeak("float32", repeats=2, per_round=1)
+  assert probe.dtype == "float32" and probe.flops > 0 and f"{SIZE}^3 float32" in probe.source
+  ran = []
+  times = time_with_peer(ran.append, ["a", "b", "c"], warmup=1, probe=probe)
+  assert ran == ["a", "b", "c"] and len(times) == 2
+  assert sorted(probe.rounds) == [0, 1, 2] and all(r > 0 for r in probe.rounds.values())
+  assert paired_fraction(12.0, [1.0, 2.0, 4.0], [2.0, 3.0, 1.0]) == pytest.approx(3.0)  # 6, 2, 3

@@ -8,7 +8,8 @@
 // size-1 dimensions (Bb in {1, B}, Hb in {1, H}, Qb in {1, Q}). The backward recomputes the
 // probabilities. Each (batch, head) pair is one work item for XLA's intra-op thread pool; inside
 // it, blocks of kQueryBlock query rows go through small register-blocked products whose operands
-// stay in the core's caches, so no [B, H, Q, K] tensor is ever written to memory.
+// stay in the core's caches, so no [B, H, Q, K] tensor is ever written to memory; softmax's
+// division by the row sums scales [m, D] rows (outputs, output gradients), not the [m, K] tile.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -97,10 +98,11 @@ void Gemm(int64_t M, int64_t N, int64_t depth, const float* A, int64_t ars, int6
   }
 }
 
-// exp(x) for one vector: 2^n * p(r), n = round(x / ln 2), |r| <= ln 2 / 2, degree-6 polynomial
-// (relative error about 2e-7); 0 below -87.3 (where float32 exp underflows), as masks need.
+// exp(x) for one vector of x <= 0 (scores minus their row maximum): 2^n * p(r), n = round(x /
+// ln 2), |r| <= ln 2 / 2, degree-6 polynomial (relative error about 2e-7); 0 below -87.3 (where
+// float32 exp underflows), as masks need.
 inline Vec Exp(Vec x) {
-  const Vec clamped = x < splat(-87.3f) ? splat(-87.3f) : (x > splat(88.3f) ? splat(88.3f) : x);
+  const Vec clamped = x < splat(-87.3f) ? splat(-87.3f) : x;
   const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const Vec n = (clamped * splat(1.44269504088896341f) + magic) - magic;
   const Vec r = clamped - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
@@ -129,11 +131,14 @@ struct Shape {
 };
 
 struct Scratch {  // per thread, grown as needed, reused across calls
-  std::vector<float> keys_t, values_t, probs, grads;
+  std::vector<float> keys_t, values_t, probs, grads, rows;
+  float inv_sums[kQueryBlock];
   void Reserve(const Shape& s) {
     const size_t kt = s.depth * s.padded_keys, tile = kQueryBlock * s.padded_keys;
     if (keys_t.size() < kt) keys_t.assign(kt, 0.f), values_t.assign(kt, 0.f);
     if (probs.size() < tile) probs.assign(tile, 0.f), grads.assign(tile, 0.f);
+    if (rows.size() < static_cast<size_t>(kQueryBlock * s.depth))
+      rows.assign(kQueryBlock * s.depth, 0.f);
   }
 };
 thread_local Scratch scratch;
@@ -172,9 +177,11 @@ void Transpose(const Shape& s, const float* src, float* dst) {
   }
 }
 
-// probs[m, K] = softmax(q[q0:q0+m] k^T + bias) for one (batch, head); keys_t from Transpose.
+// probs[m, K] = exp(q[q0:q0+m] k^T + bias - row maximum) for one (batch, head), keys_t from
+// Transpose, and inv_sums[m] = 1 / row sums: softmax = probs[i, :] * inv_sums[i], a scaling the
+// callers fold into an [m, D] operand or result instead of a pass over the [m, K] tile.
 void Probabilities(const Shape& s, const float* q, const float* keys_t, const float* bias,
-                   int64_t q0, int64_t m, float* probs) {
+                   int64_t q0, int64_t m, float* probs, float* inv_sums) {
   Gemm(m, s.padded_keys, s.depth, q + q0 * s.row(), s.row(), 1, keys_t, s.padded_keys, probs,
        s.padded_keys, false);
   const int64_t full = s.keys / kLanes * kLanes;
@@ -202,8 +209,7 @@ void Probabilities(const Shape& s, const float* q, const float* keys_t, const fl
       const Vec e = Exp(load(p + full) - splat(top));
       for (int64_t j = full; j < s.keys; ++j) sum += (p[j] = e[j - full]);
     }
-    const Vec inv = splat(1.f / sum);
-    for (int64_t j = 0; j < s.padded_keys; j += kLanes) store(p + j, load(p + j) * inv);
+    inv_sums[i] = 1.f / sum;
     for (int64_t j = s.keys; j < s.padded_keys; ++j) p[j] = 0.f;
   }
 }
@@ -216,9 +222,14 @@ void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* 
   Transpose(s, k + kv_offset, scratch.keys_t.data());
   for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
     const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
-    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, scratch.probs.data());
+    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, scratch.probs.data(),
+                  scratch.inv_sums);
+    float* out_blk = out + offset + q0 * s.row();
     Gemm(m, s.depth, s.keys, scratch.probs.data(), s.padded_keys, 1, v + kv_offset, s.row(),
-         out + offset + q0 * s.row(), s.row(), false);
+         out_blk, s.row(), false);
+    for (int64_t i = 0; i < m; ++i)  // softmax's 1 / row sums, on the [m, D] result
+      for (float* o = out_blk + i * s.row(); o < out_blk + i * s.row() + s.depth; o += kLanes)
+        store(o, load(o) * splat(scratch.inv_sums[i]));
   }
 }
 
@@ -231,35 +242,42 @@ void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float*
   float* grads = scratch.grads.data();
   Transpose(s, k + kv_offset, scratch.keys_t.data());
   Transpose(s, v + kv_offset, scratch.values_t.data());
-  for (int64_t j = 0; j < s.keys; ++j) {
-    std::memset(dk + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
-    std::memset(dv + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
-  }
+  float* scaled_dout = scratch.rows.data();  // [m, D]: dout rows times 1 / row sums
+  const float* inv_sums = scratch.inv_sums;
+  if (s.queries == 0)  // no query block writes dk, dv
+    for (int64_t j = 0; j < s.keys; ++j) {
+      std::memset(dk + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
+      std::memset(dv + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
+    }
   for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
     const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
     const float* q_blk = q + offset + q0 * s.row();
     const float* dout_blk = dout + offset + q0 * s.row();
-    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, probs);
-    // dP = dout v^T; dS = P * (dP - rowsum(P * dP)).
+    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, probs, scratch.inv_sums);
+    // dP = dout v^T; with P = E / sums (E = probs here): dS = P * (dP - rowsum(P * dP)).
     Gemm(m, s.padded_keys, s.depth, dout_blk, s.row(), 1, scratch.values_t.data(), s.padded_keys,
          grads, s.padded_keys, false);
     for (int64_t i = 0; i < m; ++i) {
       float* g = grads + i * s.padded_keys;
-      const float* p = probs + i * s.padded_keys;
+      const float* e = probs + i * s.padded_keys;
       Vec dot_v{};
-      for (int64_t j = 0; j < s.padded_keys; j += kLanes) dot_v += load(p + j) * load(g + j);
+      for (int64_t j = 0; j < s.padded_keys; j += kLanes) dot_v += load(e + j) * load(g + j);
       float dot = 0.f;
       for (int l = 0; l < kLanes; ++l) dot += dot_v[l];
+      const Vec inv = splat(inv_sums[i]), shift = splat(dot * inv_sums[i]);
       for (int64_t j = 0; j < s.padded_keys; j += kLanes)
-        store(g + j, load(p + j) * (load(g + j) - splat(dot)));
+        store(g + j, load(e + j) * inv * (load(g + j) - shift));
+      for (int64_t d = 0; d < s.depth; d += kLanes)
+        store(scaled_dout + i * s.depth + d, load(dout_blk + i * s.row() + d) * inv);
     }
     Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, k + kv_offset, s.row(),
          dq + offset + q0 * s.row(), s.row(), false);
-    // dk += dS^T q, dv += P^T dout: the tiles read transposed (a(j, i) = tile[i, j]).
+    // dk (+)= dS^T q, dv (+)= E^T (dout / sums): the tiles read transposed (a(j, i) = tile[i, j]);
+    // the first block writes, later ones accumulate.
     Gemm(s.keys, s.depth, m, grads, 1, s.padded_keys, q_blk, s.row(), dk + kv_offset, s.row(),
-         true);
-    Gemm(s.keys, s.depth, m, probs, 1, s.padded_keys, dout_blk, s.row(), dv + kv_offset, s.row(),
-         true);
+         q0 > 0);
+    Gemm(s.keys, s.depth, m, probs, 1, s.padded_keys, scaled_dout, s.depth, dv + kv_offset,
+         s.row(), q0 > 0);
   }
 }
 
