@@ -62,9 +62,9 @@ def test_matches_xla_attention_and_its_gradients(case):
 
 
 def test_the_default_attention_runs_the_kernel_without_score_products_or_a_bias_gradient():
-  """`recomputed_attention` on CPU compiles to the two custom calls; no batched product is left
-  (the XLA bias gradient is dead code when the bias is not differentiated), and differentiating
-  the bias brings XLA's gradient back."""
+  """`recomputed_attention` on CPU compiles to the two custom calls and no batched product; a
+  differentiated bias takes the backward that also writes the score gradient (still no XLA
+  product), a frozen one the backward that does not."""
   q, k, v, bias, g = operands(2, 24, 24, 2, 16, (1, 2, 24, 24))
   attend = lambda q, k, v, b: layers.recomputed_attention(q, k, v, b, None, 0.0, jnp.float32)
   loss = lambda q, k, v, b: jnp.sum(attend(q, k, v, b) * g)
@@ -72,8 +72,11 @@ def test_the_default_attention_runs_the_kernel_without_score_products_or_a_bias_
   assert sorted(re.findall(r'custom_call_target="(ptuning_attention_\w+)"', hlo)) == [
       "ptuning_attention_backward", "ptuning_attention_forward"]
   assert " dot(" not in hlo
-  with_bias = jax.jit(jax.grad(loss, (0, 1, 2, 3))).lower(q, k, v, bias).compile().as_text()
-  assert " dot(" in with_bias and "ptuning_attention_backward" in with_bias
+  with_bias = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3))).lower(q, k, v, bias).compile(
+  ).as_text()
+  assert sorted(re.findall(r'custom_call_target="(ptuning_attention_\w+)"', with_bias)) == [
+      "ptuning_attention_backward_with_scores", "ptuning_attention_forward"]
+  assert " dot(" not in with_bias
 
 
 @pytest.mark.parametrize("dropout,dtype", [(True, jnp.float32), (False, jnp.bfloat16)])
@@ -110,8 +113,8 @@ def test_sharded_over_batch_and_heads_equals_one_device_with_no_gather():
   (batch, head) pairs: same numbers as one device, no all-gather of query, key or value. A batch
   the data axis does not divide (2 rows over 4 devices) is replicated for the call instead."""
   q, k, v, bias, g = operands(8, 40, 40, 4, 16, (1, 4, 40, 40))
-  attend = lambda q, k, v: layers.recomputed_attention(q, k, v, bias, None, 0.0, jnp.float32)
-  loss = lambda q, k, v, g: jnp.sum(attend(q, k, v) * g)
+  attend = lambda q, k, v, b: layers.recomputed_attention(q, k, v, b, None, 0.0, jnp.float32)
+  loss = lambda q, k, v, g, b=bias: jnp.sum(attend(q, k, v, b) * g)
   step = jax.jit(jax.grad(loss, (0, 1, 2)))
   single = step(q, k, v, g)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=4, model=2))
@@ -123,6 +126,11 @@ def test_sharded_over_batch_and_heads_equals_one_device_with_no_gather():
     hlo = step.lower(*sharded).compile().as_text()
     assert "f32[2,40,2,16]" in hlo and "ptuning_attention_backward" in hlo
     assert "all-gather" not in hlo
+    # The shared bias's gradient: each device's score gradients, summed over the mesh.
+    with_bias = jax.jit(jax.grad(loss, (0, 1, 2, 4)))
+    for ours, theirs in zip(with_bias(*sharded, bias), jax.jit(jax.grad(loss, (0, 1, 2, 4)))(
+        q, k, v, g, bias)):
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-5, atol=1e-6)
     small = [x[:2] for x in (q, k, v, g)]
     for ours, theirs in zip(step(*small), jax.jit(jax.grad(loss, (0, 1, 2)))(*small)):
       np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6, atol=1e-7)

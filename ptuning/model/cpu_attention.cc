@@ -233,8 +233,11 @@ void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* 
   }
 }
 
+// dscores (optional, [B, H, Q, K]): the score gradient dS, which is the bias gradient before
+// the sum over the bias's broadcast dimensions.
 void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
-              const float* bias, const float* dout, float* dq, float* dk, float* dv) {
+              const float* bias, const float* dout, float* dq, float* dk, float* dv,
+              float* dscores) {
   scratch.Reserve(s);
   const int64_t offset = s.query_offset(b, h), kv_offset = s.key_offset(b, h);
   const float* bias_bh = bias + s.bias_offset(b, h);
@@ -269,6 +272,9 @@ void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float*
         store(g + j, load(e + j) * inv * (load(g + j) - shift));
       for (int64_t d = 0; d < s.depth; d += kLanes)
         store(scaled_dout + i * s.depth + d, load(dout_blk + i * s.row() + d) * inv);
+      if (dscores != nullptr)
+        std::memcpy(dscores + ((b * s.heads + h) * s.queries + q0 + i) * s.keys, g,
+                    s.keys * sizeof(float));
     }
     Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, k + kv_offset, s.row(),
          dq + offset + q0 * s.row(), s.row(), false);
@@ -335,19 +341,42 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dout,
-                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                       ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& bias,
+                       ffi::Buffer<ffi::F32>& dout, ffi::ResultBuffer<ffi::F32>& dq,
+                       ffi::ResultBuffer<ffi::F32>& dk, ffi::ResultBuffer<ffi::F32>& dv,
+                       float* dscores) {
   Shape s;
   if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
   ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
     Backward(s, i / s.heads, i % s.heads, q.typed_data(), k.typed_data(), v.typed_data(),
              bias.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
-             dv->typed_data());
+             dv->typed_data(), dscores);
   });
   return ffi::Error::Success();
+}
+
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dout,
+                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                             ffi::ResultBuffer<ffi::F32> dv) {
+  return RunBackward(pool, q, k, v, bias, dout, dq, dk, dv, nullptr);
+}
+
+// The backward that also returns dS [B, H, Q, K] (for a differentiated bias).
+ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                       ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dout,
+                                       ffi::ResultBuffer<ffi::F32> dq,
+                                       ffi::ResultBuffer<ffi::F32> dk,
+                                       ffi::ResultBuffer<ffi::F32> dv,
+                                       ffi::ResultBuffer<ffi::F32> dscores) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), sd = dscores->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || sd.size() != 4 || sd[0] != qd[0] || sd[1] != qd[2] ||
+      sd[2] != qd[1] || sd[3] != kd[1])
+    return ffi::Error::InvalidArgument("attention: dscores must be [B, H, Q, K]");
+  return RunBackward(pool, q, k, v, bias, dout, dq, dk, dv, dscores->typed_data());
 }
 
 }  // namespace
@@ -369,6 +398,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackwardWithScores, AttentionBackwardWithScores,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

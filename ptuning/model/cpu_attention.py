@@ -16,10 +16,11 @@ reason) and attention stays in XLA. `layers.recomputed_attention` calls `attenti
 (through `jax.lax.platform_dependent`, so GPU/TPU programs never see the custom call) when
 `supports` holds: float32 and no dropout.
 
-The bias gradient is not computed by the kernel: `attention`'s backward returns it from XLA's
-own attention gradient, which XLA removes as dead code when nothing uses it (prompt tuning: the
-position-bias table is frozen); full fine-tuning pays for that XLA computation beside the
-kernel's.
+The bias gradient (full fine-tuning trains the relative-position table): `attention` is a
+`custom_vjp` with symbolic zeros, so its forward learns whether the bias is differentiated; if
+it is, the backward runs the kernel's variant that also writes the score gradient dS
+`[B, H, Q, K]` (the bias gradient before the sum over the bias's broadcast dimensions, which
+XLA then takes), and otherwise the variant that writes none (prompt tuning: the table is frozen).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ SOURCE = pathlib.Path(__file__).with_name("cpu_attention.cc")
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=gnu++17", "-ffp-contract=fast", "-fno-math-errno",
                  "-fPIC", "-shared", "-w")
 _FORWARD, _BACKWARD = "ptuning_attention_forward", "ptuning_attention_backward"
+_BACKWARD_SCORES = "ptuning_attention_backward_with_scores"
+_SYMBOLS = {_FORWARD: "PtuningAttentionForward", _BACKWARD: "PtuningAttentionBackward",
+            _BACKWARD_SCORES: "PtuningAttentionBackwardWithScores"}
 DEPTH_MULTIPLE = 16  # head depth the kernel takes (whole vector registers, AVX-512 or AVX2)
 
 
@@ -102,8 +106,7 @@ def available() -> bool:
     warnings.warn(f"ptuning: the fused CPU attention kernel is not available ({error}); CPU "
                   "attention stays in XLA")
     return False
-  for name, symbol in ((_FORWARD, "PtuningAttentionForward"),
-                       (_BACKWARD, "PtuningAttentionBackward")):
+  for name, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)),
                                 platform="cpu")
   return True
@@ -140,6 +143,15 @@ def _backward_call(query, key, value, bias, grad):
       query, key, value, bias, grad))
 
 
+def _backward_with_scores_call(query, key, value, bias, grad):
+  """`_backward_call`'s dq, dk, dv and the score gradient dS `[B, H, Q, K]`."""
+  batch, queries, heads, _ = query.shape
+  shapes = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value)]
+  shapes.append(jax.ShapeDtypeStruct((batch, heads, queries, key.shape[1]), jnp.float32))
+  return tuple(jax.ffi.ffi_call(_BACKWARD_SCORES, shapes, vmap_method="sequential")(
+      query, key, value, bias, grad))
+
+
 def _mesh_axes(logical: str, size: int, mesh) -> str | tuple[str, ...] | None:
   """The mesh axes the active logical-axis rules give `logical`, if they divide `size` (else None:
   that dimension is replicated for the kernel call)."""
@@ -161,7 +173,8 @@ def _per_shard(call, *args):
   qkv = PartitionSpec(batch, None, heads, None)
   bias_spec = PartitionSpec(batch if bias.shape[0] == query.shape[0] else None,
                             heads if bias.shape[1] == query.shape[2] else None, None, None)
-  out_specs = qkv if call is _forward_call else (qkv, qkv, qkv)
+  out_specs = {_forward_call: qkv, _backward_call: (qkv, qkv, qkv),
+               _backward_with_scores_call: (qkv, qkv, qkv, PartitionSpec(batch, heads))}[call]
   return jax.shard_map(call, mesh=mesh, in_specs=(qkv, qkv, qkv, bias_spec) + (qkv,) * (
       len(args) - 4), out_specs=out_specs, check_vma=False)(*args)
 
@@ -187,19 +200,25 @@ def attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
 
 
 def _attention_fwd(query, key, value, bias):
-  return attention(query, key, value, bias), (query, key, value, bias)
+  # With symbolic zeros each argument comes with `perturbed`: whether it is differentiated.
+  args = tuple(x.value for x in (query, key, value, bias))
+  return attention(*args), (args, bias.perturbed)
 
 
 def _attention_bwd(residuals, grad):
-  query, key, value, bias = residuals
+  (query, key, value, bias), bias_perturbed = residuals
+  if isinstance(grad, jax.custom_derivatives.SymbolicZero):  # the output got no cotangent
+    grad = jnp.zeros(grad.shape, grad.dtype)
   depth = query.shape[-1]
-  grads = _per_shard(_backward_call, *map(_pad_depth, (query, key, value)), _bias4(bias),
-                     _pad_depth(grad))
-  # XLA's bias gradient, of the very function the kernel replaces: dead code (removed) unless
-  # the bias is differentiated. (Imported here: `layers` imports this module.)
-  from ptuning.model.layers import dot_product_attention
-  _, bias_vjp = jax.vjp(lambda b: dot_product_attention(query, key, value, b), bias)
-  return (*(g[..., :depth] for g in grads), bias_vjp(grad)[0])
+  call = _backward_with_scores_call if bias_perturbed else _backward_call
+  grads = _per_shard(call, *map(_pad_depth, (query, key, value)), _bias4(bias), _pad_depth(grad))
+  bias_grad = None  # a bias that is not differentiated gets no gradient
+  if bias_perturbed:  # dS [B, H, Q, K] summed over the bias's broadcast (and missing) dimensions
+    scores_grad = grads[3]
+    lead = scores_grad.ndim - bias.ndim
+    broadcast = tuple(i + lead for i, n in enumerate(bias.shape) if n == 1)
+    bias_grad = jnp.sum(scores_grad, axis=tuple(range(lead)) + broadcast).reshape(bias.shape)
+  return (*(g[..., :depth] for g in grads[:3]), bias_grad)
 
 
-attention.defvjp(_attention_fwd, _attention_bwd)
+attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
