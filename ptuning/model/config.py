@@ -42,8 +42,8 @@ class T5Config:
   scan_layers: bool = False  # stack layers with nn.scan: parameters get a leading 'layers' axis
   remat_policy: str = "none"  # rematerialisation of each layer, see REMAT_POLICIES
   # 'recompute': the backward pass recomputes attention probabilities `[B, H, Q, K]` instead of
-  # keeping every layer's ('plain'); same forward (ptuning/model/layers.py); on CPU, float32
-  # without dropout, it runs the fused kernel of ptuning/model/cpu_attention.py. 'cudnn':
+  # keeping every layer's ('plain'); same forward (ptuning/model/layers.py); on CPU without
+  # dropout it runs the fused float32 kernel of ptuning/model/cpu_attention.py. 'cudnn':
   # `jax.nn.dot_product_attention`, cuDNN flash attention on GPU in bfloat16/float16 (XLA elsewhere);
   # it has no attention dropout, so it needs dropout_rate == 0.
   attention_impl: str = "recompute"

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from ptuning.model import cpu_attention, mixed_einsum
 from ptuning.model.flash_attention import fused_attention
@@ -31,6 +32,9 @@ from ptuning.model.flash_attention import fused_attention
 Array = jax.Array
 P = nn.with_logical_partitioning
 constrain = nn.with_logical_constraint
+
+# The checkpoint name of `recomputed_attention`'s output (saved by the 'dots' remat policy).
+ATTENTION_NAME = "recomputed_attention"
 
 # Large negative number added to attention logits at masked positions (float32).
 MASK_VALUE = float(np.finfo(np.float32).min)
@@ -152,14 +156,19 @@ def recomputed_attention(query: Array, key: Array, value: Array, bias: Array,
   `value`, `bias` instead of keeping them: one more `Q x K` product per call in the backward, and
   `[B, H, Q, K]` float32 buffers live for one call at a time instead of for every layer.
 
-  On CPU, where `cpu_attention.supports` the call (float32, no dropout), the fused kernel of
-  `cpu_attention` computes it (the same recomputing backward, no `[B, H, Q, K]` buffers at all);
-  on other platforms, and otherwise, XLA does."""
+  On CPU, where `cpu_attention.supports` the call (no dropout), the fused kernel of
+  `cpu_attention` computes it in float32 (the same recomputing backward, no `[B, H, Q, K]`
+  buffers at all; bfloat16 operands are cast to float32 and back); on other platforms, and
+  otherwise, XLA does."""
   xla = lambda q, k, v, b: _xla_recomputed_attention(q, k, v, b, dropout_rng, dropout_rate, dtype)
   if cpu_attention.supports(query, key, value, bias, dropout_rng, dtype):
-    return jax.lax.platform_dependent(query, key, value, bias, cpu=cpu_attention.attention,
-                                      default=xla)
-  return xla(query, key, value, bias)
+    cpu = lambda q, k, v, b: cpu_attention.attention_in_float32(q, k, v, b, dtype)
+    out = jax.lax.platform_dependent(query, key, value, bias, cpu=cpu, default=xla)
+  else:
+    out = xla(query, key, value, bias)
+  # Named, so that the 'dots' remat policy saves it: the dot policies cannot see the products
+  # inside a custom VJP or the CPU kernel, and would recompute the whole attention.
+  return checkpoint_name(out, ATTENTION_NAME)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

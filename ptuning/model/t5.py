@@ -36,7 +36,7 @@ from ptuning.model import mixed_einsum
 from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
 from ptuning.model.flash_attention import PaddedBias, even_rows, key_lengths_of
-from ptuning.model.layers import (MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
+from ptuning.model.layers import (ATTENTION_NAME, MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
                                   RelativePositionBias, RMSNorm, constrain)
 
 Array = jax.Array
@@ -45,10 +45,12 @@ LAYER_PROMPT_MODES = ("replace", "add")
 
 _policies = jax.checkpoint_policies
 # The dot policies also save the named low-precision products of `mixed_einsum` (a custom VJP,
-# which the dot policies cannot see into: without the names they would recompute everything).
+# which the dot policies cannot see into: without the names they would recompute everything),
+# and 'dots' the output of attention (a custom VJP, or the CPU kernel: no dot either).
 _SAVE_DOTS = _policies.save_from_both_policies(
     _policies.checkpoint_dots,
-    _policies.save_only_these_names(mixed_einsum.BATCHED_NAME, mixed_einsum.UNBATCHED_NAME))
+    _policies.save_only_these_names(mixed_einsum.BATCHED_NAME, mixed_einsum.UNBATCHED_NAME,
+                                    ATTENTION_NAME))
 _SAVE_UNBATCHED_DOTS = _policies.save_from_both_policies(
     _policies.dots_with_no_batch_dims_saveable,
     _policies.save_only_these_names(mixed_einsum.UNBATCHED_NAME))
