@@ -12,8 +12,7 @@ The source is compiled once per machine with the host's C++ compiler (`-march=na
 jaxlib version and CPU (`$PTUNING_KERNEL_FLAGS` adds compiler flags, e.g. `-mno-avx512f` for the
 AVX2 build), and its two handlers are registered as XLA FFI targets. Where there is
 no compiler, or `PTUNING_CPU_ATTENTION=0`, `available()` is False (with one warning naming the
-reason) and attention stays in XLA. `layers.recomputed_attention` calls `attention_in_float32`
-on CPU (through `jax.lax.platform_dependent`, so GPU/TPU programs never see the custom call)
+reason) and attention stays in XLA. `layers.recomputed_attention` calls `attention` on CPU (through `jax.lax.platform_dependent`, so GPU/TPU programs never see the custom call)
 when `supports` holds: no dropout. Activations of another float dtype (bfloat16) are cast to
 float32 around the kernel: XLA:CPU runs bfloat16 attention as separate batched products at
 about 110 GFLOP/s, the kernel in float32 at about 200.
@@ -115,7 +114,7 @@ def available() -> bool:
 
 
 def supports(query: Array, key: Array, value: Array, bias: Array, dropout_rng, dtype) -> bool:
-  """Whether `attention_in_float32` computes this call: no dropout, floating `[B, *, H, D]`
+  """Whether `attention` computes this call: no dropout, floating `[B, *, H, D]`
   operands and a bias broadcastable to `[B, H, Q, K]` with all K keys (a bias broadcast over
   the keys, `[..., 1]`, stays in XLA), on a CPU backend where the kernel is available."""
   arrays = (query, key, value, bias)
@@ -127,17 +126,6 @@ def supports(query: Array, key: Array, value: Array, bias: Array, dropout_rng, d
   return (dropout_rng is None and broadcastable and jnp.issubdtype(dtype, jnp.floating)
           and all(jnp.issubdtype(a.dtype, jnp.floating) for a in arrays)
           and jax.default_backend() == "cpu" and available())  # GPU/TPU hosts: no build
-
-
-def attention_in_float32(query: Array, key: Array, value: Array, bias: Array,
-                         dtype) -> Array:
-  """`attention` for operands of any float dtype: computed in float32 (bfloat16 activations
-  included: the products, softmax and probabilities are float32, more precise than XLA's
-  bfloat16 attention and, on CPU, faster), the result in `dtype` promoted with `value.dtype`
-  as `layers.dot_product_attention` returns it; gradients come back in each operand's dtype."""
-  f32 = jnp.float32
-  out = attention(query.astype(f32), key.astype(f32), value.astype(f32), bias.astype(f32))
-  return out.astype(jnp.promote_types(dtype, value.dtype))
 
 
 def _bias4(bias: Array) -> Array:
@@ -198,17 +186,26 @@ def _pad_depth(x: Array) -> Array:
   return jnp.pad(x, ((0, 0),) * 3 + ((0, extra),)) if extra else x
 
 
+def _kernel_operands(query: Array, key: Array, value: Array, bias: Array) -> tuple[Array, ...]:
+  """What the kernel takes: float32, depths padded to 16, a rank-4 bias."""
+  f32 = lambda x: x.astype(jnp.float32)
+  return (*(_pad_depth(f32(x)) for x in (query, key, value)), _bias4(f32(bias)))
+
+
 @jax.custom_vjp
 def attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
   """`query [B, Q, H, D]`, `key`, `value [B, K, H, D]`, `bias` broadcastable to `[B, H, Q, K]`
-  (all float32) -> `[B, Q, H, D]` through the fused kernel (built and registered here on first
-  use; an error where `available()` is False). A depth that is not a multiple of 16 is
-  zero-padded to one. Sharded over batch and heads as its operands are (`_per_shard`)."""
+  (float32, or another float dtype: cast to float32 for the kernel, so bfloat16 activations get
+  float32 products, softmax and probabilities) -> float32 `[B, Q, H, D]` through the fused
+  kernel (built and registered here on first use; an error where `available()` is False).
+  Gradients come back in each operand's dtype; the backward keeps the operands as given (not
+  their float32 casts). A depth that is not a multiple of 16 is zero-padded to one. Sharded over
+  batch and heads as its operands are (`_per_shard`)."""
   if not available():
     raise RuntimeError("the fused CPU attention kernel is not available (see the warning above); "
                        "call it only where cpu_attention.supports(...) holds")
   depth = query.shape[-1]
-  return _per_shard(_forward_call, *map(_pad_depth, (query, key, value)), _bias4(bias))[..., :depth]
+  return _per_shard(_forward_call, *_kernel_operands(query, key, value, bias))[..., :depth]
 
 
 def _attention_fwd(query, key, value, bias):
@@ -218,19 +215,21 @@ def _attention_fwd(query, key, value, bias):
 
 
 def _attention_bwd(residuals, grad):
-  (query, key, value, bias), bias_perturbed = residuals
+  args, bias_perturbed = residuals
+  query, key, value, bias = args
   if isinstance(grad, jax.custom_derivatives.SymbolicZero):  # the output got no cotangent
     grad = jnp.zeros(grad.shape, grad.dtype)
   depth = query.shape[-1]
   call = _backward_with_scores_call if bias_perturbed else _backward_call
-  grads = _per_shard(call, *map(_pad_depth, (query, key, value)), _bias4(bias), _pad_depth(grad))
+  grads = _per_shard(call, *_kernel_operands(*args), _pad_depth(grad.astype(jnp.float32)))
   bias_grad = None  # a bias that is not differentiated gets no gradient
   if bias_perturbed:  # dS [B, H, Q, K] summed over the bias's broadcast (and missing) dimensions
     scores_grad = grads[3]
     lead = scores_grad.ndim - bias.ndim
     broadcast = tuple(i + lead for i, n in enumerate(bias.shape) if n == 1)
     bias_grad = jnp.sum(scores_grad, axis=tuple(range(lead)) + broadcast).reshape(bias.shape)
-  return (*(g[..., :depth] for g in grads[:3]), bias_grad)
+    bias_grad = bias_grad.astype(bias.dtype)
+  return (*(g[..., :depth].astype(x.dtype) for g, x in zip(grads[:3], args)), bias_grad)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)

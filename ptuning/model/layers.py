@@ -162,7 +162,8 @@ def recomputed_attention(query: Array, key: Array, value: Array, bias: Array,
   otherwise, XLA does."""
   xla = lambda q, k, v, b: _xla_recomputed_attention(q, k, v, b, dropout_rng, dropout_rate, dtype)
   if cpu_attention.supports(query, key, value, bias, dropout_rng, dtype):
-    cpu = lambda q, k, v, b: cpu_attention.attention_in_float32(q, k, v, b, dtype)
+    out_dtype = jnp.promote_types(dtype, value.dtype)  # as `dot_product_attention` returns
+    cpu = lambda q, k, v, b: cpu_attention.attention(q, k, v, b).astype(out_dtype)
     out = jax.lax.platform_dependent(query, key, value, bias, cpu=cpu, default=xla)
   else:
     out = xla(query, key, value, bias)
