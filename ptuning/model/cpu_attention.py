@@ -12,10 +12,11 @@ The source is compiled once per machine with the host's C++ compiler (`-march=na
 jaxlib version and CPU (`$PTUNING_KERNEL_FLAGS` adds compiler flags, e.g. `-mno-avx512f` for the
 AVX2 build), and its two handlers are registered as XLA FFI targets. Where there is
 no compiler, or `PTUNING_CPU_ATTENTION=0`, `available()` is False (with one warning naming the
-reason) and attention stays in XLA. `layers.recomputed_attention` calls `attention` on CPU (through `jax.lax.platform_dependent`, so GPU/TPU programs never see the custom call)
-when `supports` holds: no dropout. Activations of another float dtype (bfloat16) are cast to
-float32 around the kernel: XLA:CPU runs bfloat16 attention as separate batched products at
-about 110 GFLOP/s, the kernel in float32 at about 200.
+reason) and attention stays in XLA. `layers.recomputed_attention` calls `attention` on CPU
+(through `jax.lax.platform_dependent`, so GPU/TPU programs never see the custom call) when
+`supports` holds: no dropout. Activations of another float dtype (bfloat16) are cast to float32
+for the kernel: XLA:CPU runs bfloat16 attention as separate batched products at about 110
+GFLOP/s, the kernel in float32 at about 200.
 
 The bias gradient (full fine-tuning trains the relative-position table): `attention` is a
 `custom_vjp` with symbolic zeros, so its forward learns whether the bias is differentiated; if

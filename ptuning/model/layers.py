@@ -168,7 +168,8 @@ def recomputed_attention(query: Array, key: Array, value: Array, bias: Array,
   else:
     out = xla(query, key, value, bias)
   # Named, so that the 'dots' remat policy saves it: the dot policies cannot see the products
-  # inside a custom VJP or the CPU kernel, and would recompute the whole attention.
+  # inside a custom VJP or the CPU kernel, and would recompute the whole attention wherever the
+  # backward needs its output (the output projection's weight gradient).
   return checkpoint_name(out, ATTENTION_NAME)
 
 

@@ -36,8 +36,8 @@ from ptuning.model import mixed_einsum
 from ptuning.model.batch_broadcast import broadcast_batch
 from ptuning.model.config import T5Config
 from ptuning.model.flash_attention import PaddedBias, even_rows, key_lengths_of
-from ptuning.model.layers import (ATTENTION_NAME, MASK_VALUE, P, Dense, MlpBlock, MultiHeadAttention,
-                                  RelativePositionBias, RMSNorm, constrain)
+from ptuning.model.layers import (ATTENTION_NAME, MASK_VALUE, P, Dense, MlpBlock,
+                                  MultiHeadAttention, RelativePositionBias, RMSNorm, constrain)
 
 Array = jax.Array
 
