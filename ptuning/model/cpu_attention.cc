@@ -1,9 +1,12 @@
-// Fused T5 attention for XLA:CPU (float32): `ptuning/model/cpu_attention.py` compiles this file
-// with the host's compiler (-march=native) and registers its two handlers as XLA FFI targets.
+// Fused T5 attention for XLA:CPU, computed in float32: `ptuning/model/cpu_attention.py` compiles
+// this file with the host's compiler (-march=native) and registers its handlers as XLA FFI
+// targets.
 //
 //   forward   q [B, Q, H, D], k, v [B, K, H, D], bias [Bb, Hb, Qb, K]  ->  out [B, Q, H, D]
-//   backward  q, k, v, bias, dout [B, Q, H, D]                         ->  dq, dk, dv
+//   backward  q, k, v, bias, dout [B, Q, H, D]                         ->  dq, dk, dv (, dS)
 //
+// q, k, v are float32 or bfloat16 (converted to float32 as the kernel reads them); everything
+// else is float32. The backward with scores also writes dS [B, H, Q, K] (a differentiated bias).
 // out = softmax(q k^T + bias) v per (batch, head), logits unscaled (T5); bias broadcasts over its
 // size-1 dimensions (Bb in {1, B}, Hb in {1, H}, Qb in {1, Q}). The backward recomputes the
 // probabilities. Each (batch, head) pair is one work item for XLA's intra-op thread pool; inside
@@ -17,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -131,7 +135,7 @@ struct Shape {
 };
 
 struct Scratch {  // per thread, grown as needed, reused across calls
-  std::vector<float> keys_t, values_t, probs, grads, rows;
+  std::vector<float> keys_t, values_t, probs, grads, rows, key_rows, value_rows, query_rows;
   float inv_sums[kQueryBlock];
   void Reserve(const Shape& s) {
     const size_t kt = s.depth * s.padded_keys, tile = kQueryBlock * s.padded_keys;
@@ -142,6 +146,33 @@ struct Scratch {  // per thread, grown as needed, reused across calls
   }
 };
 thread_local Scratch scratch;
+
+using BFloat16 = uint16_t;  // the upper half of a float32's bits
+typedef BFloat16 HalfVec __attribute__((vector_size(kLanes * 2), aligned(2)));
+
+// n rows of an operand (rows `stride` apart, `depth` wide) as float32: float32 operands as they
+// are, bfloat16 ones converted into `buffer` ([n, depth], rows `depth` apart).
+struct Rows {
+  const float* data;
+  int64_t stride;
+};
+template <typename T>
+Rows AsFloatRows(const T* src, int64_t stride, int64_t n, int64_t depth,
+                 std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {src, stride};
+  } else {
+    static_assert(std::is_same_v<T, BFloat16>);
+    if (buffer.size() < static_cast<size_t>(n * depth)) buffer.assign(n * depth, 0.f);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t d = 0; d < depth; d += kLanes) {
+        const HalfVec half = *reinterpret_cast<const HalfVec*>(src + i * stride + d);
+        const IVec bits = __builtin_convertvector(half, IVec) << 16;
+        std::memcpy(buffer.data() + i * depth + d, &bits, sizeof(bits));
+      }
+    return {buffer.data(), depth};
+  }
+}
 
 // One butterfly stage of a kLanes x kLanes transpose held in `r` (row i = r[i]): in every 2h x 2h
 // block, the upper right and lower left h x h blocks swap. Stages h = kLanes / 2, ..., 1 transpose.
@@ -160,14 +191,15 @@ inline void SwapBlocks(Vec* r) {
   }
 }
 
-// dst[D, padded_keys] = src[K, D] transposed (src rows `row` apart), padding columns zero:
+// dst[D, padded_keys] = src[K, D] transposed (src rows `stride` apart), padding columns zero:
 // kLanes x kLanes tiles transposed in registers.
-void Transpose(const Shape& s, const float* src, float* dst) {
+void Transpose(const Shape& s, Rows src, float* dst) {
   for (int64_t j0 = 0; j0 < s.padded_keys; j0 += kLanes) {
     const int64_t n = std::min<int64_t>(kLanes, s.keys - j0);
     for (int64_t d0 = 0; d0 < s.depth; d0 += kLanes) {
       Vec r[kLanes];
-      for (int j = 0; j < kLanes; ++j) r[j] = j < n ? load(src + (j0 + j) * s.row() + d0) : Vec{};
+      for (int j = 0; j < kLanes; ++j)
+        r[j] = j < n ? load(src.data + (j0 + j) * src.stride + d0) : Vec{};
       if constexpr (kLanes == 16) SwapBlocks<8>(r);
       SwapBlocks<4>(r);
       SwapBlocks<2>(r);
@@ -177,12 +209,13 @@ void Transpose(const Shape& s, const float* src, float* dst) {
   }
 }
 
-// probs[m, K] = exp(q[q0:q0+m] k^T + bias - row maximum) for one (batch, head), keys_t from
-// Transpose, and inv_sums[m] = 1 / row sums: softmax = probs[i, :] * inv_sums[i], a scaling the
-// callers fold into an [m, D] operand or result instead of a pass over the [m, K] tile.
-void Probabilities(const Shape& s, const float* q, const float* keys_t, const float* bias,
+// probs[m, K] = exp(q_blk k^T + bias - row maximum) for one (batch, head) and its m query rows
+// from q0 on, keys_t from Transpose, and inv_sums[m] = 1 / row sums: softmax = probs[i, :] *
+// inv_sums[i], a scaling the callers fold into an [m, D] operand or result instead of a pass over
+// the [m, K] tile.
+void Probabilities(const Shape& s, Rows q_blk, const float* keys_t, const float* bias,
                    int64_t q0, int64_t m, float* probs, float* inv_sums) {
-  Gemm(m, s.padded_keys, s.depth, q + q0 * s.row(), s.row(), 1, keys_t, s.padded_keys, probs,
+  Gemm(m, s.padded_keys, s.depth, q_blk.data, q_blk.stride, 1, keys_t, s.padded_keys, probs,
        s.padded_keys, false);
   const int64_t full = s.keys / kLanes * kLanes;
   for (int64_t i = 0; i < m; ++i) {
@@ -214,18 +247,24 @@ void Probabilities(const Shape& s, const float* q, const float* keys_t, const fl
   }
 }
 
-void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
+// T: the element type of q, k and v (float or BFloat16); everything else is float32.
+template <typename T>
+void Forward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, const T* v,
              const float* bias, float* out) {
   scratch.Reserve(s);
   const int64_t offset = s.query_offset(b, h), kv_offset = s.key_offset(b, h);
   const float* bias_bh = bias + s.bias_offset(b, h);
-  Transpose(s, k + kv_offset, scratch.keys_t.data());
+  const Rows keys = AsFloatRows(k + kv_offset, s.row(), s.keys, s.depth, scratch.key_rows);
+  const Rows values = AsFloatRows(v + kv_offset, s.row(), s.keys, s.depth, scratch.value_rows);
+  Transpose(s, keys, scratch.keys_t.data());
   for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
     const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
-    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, scratch.probs.data(),
+    const Rows q_blk = AsFloatRows(q + offset + q0 * s.row(), s.row(), m, s.depth,
+                                   scratch.query_rows);
+    Probabilities(s, q_blk, scratch.keys_t.data(), bias_bh, q0, m, scratch.probs.data(),
                   scratch.inv_sums);
     float* out_blk = out + offset + q0 * s.row();
-    Gemm(m, s.depth, s.keys, scratch.probs.data(), s.padded_keys, 1, v + kv_offset, s.row(),
+    Gemm(m, s.depth, s.keys, scratch.probs.data(), s.padded_keys, 1, values.data, values.stride,
          out_blk, s.row(), false);
     for (int64_t i = 0; i < m; ++i)  // softmax's 1 / row sums, on the [m, D] result
       for (float* o = out_blk + i * s.row(); o < out_blk + i * s.row() + s.depth; o += kLanes)
@@ -234,8 +273,9 @@ void Forward(const Shape& s, int64_t b, int64_t h, const float* q, const float* 
 }
 
 // dscores (optional, [B, H, Q, K]): the score gradient dS, which is the bias gradient before
-// the sum over the bias's broadcast dimensions.
-void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float* k, const float* v,
+// the sum over the bias's broadcast dimensions. T as in Forward.
+template <typename T>
+void Backward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, const T* v,
               const float* bias, const float* dout, float* dq, float* dk, float* dv,
               float* dscores) {
   scratch.Reserve(s);
@@ -243,8 +283,10 @@ void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float*
   const float* bias_bh = bias + s.bias_offset(b, h);
   float* probs = scratch.probs.data();
   float* grads = scratch.grads.data();
-  Transpose(s, k + kv_offset, scratch.keys_t.data());
-  Transpose(s, v + kv_offset, scratch.values_t.data());
+  const Rows keys = AsFloatRows(k + kv_offset, s.row(), s.keys, s.depth, scratch.key_rows);
+  Transpose(s, keys, scratch.keys_t.data());
+  Transpose(s, AsFloatRows(v + kv_offset, s.row(), s.keys, s.depth, scratch.value_rows),
+            scratch.values_t.data());
   float* scaled_dout = scratch.rows.data();  // [m, D]: dout rows times 1 / row sums
   const float* inv_sums = scratch.inv_sums;
   if (s.queries == 0)  // no query block writes dk, dv
@@ -254,9 +296,10 @@ void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float*
     }
   for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
     const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
-    const float* q_blk = q + offset + q0 * s.row();
+    const Rows q_blk = AsFloatRows(q + offset + q0 * s.row(), s.row(), m, s.depth,
+                                   scratch.query_rows);
     const float* dout_blk = dout + offset + q0 * s.row();
-    Probabilities(s, q + offset, scratch.keys_t.data(), bias_bh, q0, m, probs, scratch.inv_sums);
+    Probabilities(s, q_blk, scratch.keys_t.data(), bias_bh, q0, m, probs, scratch.inv_sums);
     // dP = dout v^T; with P = E / sums (E = probs here): dS = P * (dP - rowsum(P * dP)).
     Gemm(m, s.padded_keys, s.depth, dout_blk, s.row(), 1, scratch.values_t.data(), s.padded_keys,
          grads, s.padded_keys, false);
@@ -276,12 +319,12 @@ void Backward(const Shape& s, int64_t b, int64_t h, const float* q, const float*
         std::memcpy(dscores + ((b * s.heads + h) * s.queries + q0 + i) * s.keys, g,
                     s.keys * sizeof(float));
     }
-    Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, k + kv_offset, s.row(),
+    Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, keys.data, keys.stride,
          dq + offset + q0 * s.row(), s.row(), false);
     // dk (+)= dS^T q, dv (+)= E^T (dout / sums): the tiles read transposed (a(j, i) = tile[i, j]);
     // the first block writes, later ones accumulate.
-    Gemm(s.keys, s.depth, m, grads, 1, s.padded_keys, q_blk, s.row(), dk + kv_offset, s.row(),
-         q0 > 0);
+    Gemm(s.keys, s.depth, m, grads, 1, s.padded_keys, q_blk.data, q_blk.stride, dk + kv_offset,
+         s.row(), q0 > 0);
     Gemm(s.keys, s.depth, m, probs, 1, s.padded_keys, scaled_dout, s.depth, dv + kv_offset,
          s.row(), q0 > 0);
   }
@@ -307,12 +350,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   while (state->done.load() < n) std::this_thread::yield();
 }
 
-template <typename Buf>
-ffi::Error MakeShape(const Buf& q, const Buf& k, const Buf& v, const Buf& bias, Shape* s) {
+// q, k, v: AnyBuffer (float32 or bfloat16, all three alike); bias: Buffer<F32>.
+template <typename Bias>
+ffi::Error MakeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                     const Bias& bias, Shape* s) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
              bd = bias.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 4)
     return ffi::Error::InvalidArgument("attention: q, k, v and bias must have rank 4");
+  if ((q.element_type() != ffi::DataType::F32 && q.element_type() != ffi::DataType::BF16) ||
+      k.element_type() != q.element_type() || v.element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("attention: q, k, v must be all float32 or all bfloat16");
   s->batch = qd[0], s->queries = qd[1], s->heads = qd[2], s->depth = qd[3], s->keys = kd[1];
   if (kd[0] != s->batch || kd[2] != s->heads || kd[3] != s->depth ||
       !std::equal(kd.begin(), kd.end(), vd.begin()))
@@ -329,45 +377,60 @@ ffi::Error MakeShape(const Buf& q, const Buf& k, const Buf& v, const Buf& bias, 
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+// body(const T* q, const T* k, const T* v) with T the element type MakeShape accepted.
+template <typename Body>
+void WithElementType(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+                     const Body& body) {
+  if (q.element_type() == ffi::DataType::BF16)
+    body(static_cast<const BFloat16*>(q.untyped_data()),
+         static_cast<const BFloat16*>(k.untyped_data()),
+         static_cast<const BFloat16*>(v.untyped_data()));
+  else
+    body(static_cast<const float*>(q.untyped_data()), static_cast<const float*>(k.untyped_data()),
+         static_cast<const float*>(v.untyped_data()));
+}
+
+ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                            ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias,
                             ffi::ResultBuffer<ffi::F32> out) {
   Shape s;
   if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
-  ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
-    Forward(s, i / s.heads, i % s.heads, q.typed_data(), k.typed_data(), v.typed_data(),
-            bias.typed_data(), out->typed_data());
+  WithElementType(q, k, v, [&](auto q_data, auto k_data, auto v_data) {
+    ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
+      Forward(s, i / s.heads, i % s.heads, q_data, k_data, v_data, bias.typed_data(),
+              out->typed_data());
+    });
   });
   return ffi::Error::Success();
 }
 
-ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                       ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& bias,
+ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::AnyBuffer& q, ffi::AnyBuffer& k,
+                       ffi::AnyBuffer& v, ffi::Buffer<ffi::F32>& bias,
                        ffi::Buffer<ffi::F32>& dout, ffi::ResultBuffer<ffi::F32>& dq,
                        ffi::ResultBuffer<ffi::F32>& dk, ffi::ResultBuffer<ffi::F32>& dv,
                        float* dscores) {
   Shape s;
   if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
-  ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
-    Backward(s, i / s.heads, i % s.heads, q.typed_data(), k.typed_data(), v.typed_data(),
-             bias.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),
-             dv->typed_data(), dscores);
+  WithElementType(q, k, v, [&](auto q_data, auto k_data, auto v_data) {
+    ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
+      Backward(s, i / s.heads, i % s.heads, q_data, k_data, v_data, bias.typed_data(),
+               dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), dscores);
+    });
   });
   return ffi::Error::Success();
 }
 
-ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dout,
-                             ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                             ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                             ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias,
+                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   return RunBackward(pool, q, k, v, bias, dout, dq, dk, dv, nullptr);
 }
 
 // The backward that also returns dS [B, H, Q, K] (for a differentiated bias).
-ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                       ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> dout,
+ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                                       ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias,
+                                       ffi::Buffer<ffi::F32> dout,
                                        ffi::ResultBuffer<ffi::F32> dq,
                                        ffi::ResultBuffer<ffi::F32> dk,
                                        ffi::ResultBuffer<ffi::F32> dv,
@@ -384,18 +447,18 @@ ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::Buffer<ffi::F3
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -405,9 +468,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackwardWithScores, AttentionBackwardWithScores,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

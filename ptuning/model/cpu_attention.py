@@ -10,12 +10,12 @@ and the backward (probabilities recomputed, as `recomputed_attention` does) the 
 The source is compiled once per machine with the host's C++ compiler (`-march=native`) into
 `~/.cache/ptuning/kernels/` (or `$PTUNING_KERNEL_CACHE`), keyed by the source, flags, compiler,
 jaxlib version and CPU (`$PTUNING_KERNEL_FLAGS` adds compiler flags, e.g. `-mno-avx512f` for the
-AVX2 build), and its two handlers are registered as XLA FFI targets. Where there is
+AVX2 build), and its handlers are registered as XLA FFI targets. Where there is
 no compiler, or `PTUNING_CPU_ATTENTION=0`, `available()` is False (with one warning naming the
 reason) and attention stays in XLA. `layers.recomputed_attention` calls `attention` on CPU
 (through `jax.lax.platform_dependent`, so GPU/TPU programs never see the custom call) when
-`supports` holds: no dropout. Activations of another float dtype (bfloat16) are cast to float32
-for the kernel: XLA:CPU runs bfloat16 attention as separate batched products at about 110
+`supports` holds: no dropout. bfloat16 activations run it too, converted to float32 as the
+kernel reads them: XLA:CPU runs bfloat16 attention as separate batched products at about 110
 GFLOP/s, the kernel in float32 at about 200.
 
 The bias gradient (full fine-tuning trains the relative-position table): `attention` is a
@@ -188,16 +188,21 @@ def _pad_depth(x: Array) -> Array:
 
 
 def _kernel_operands(query: Array, key: Array, value: Array, bias: Array) -> tuple[Array, ...]:
-  """What the kernel takes: float32, depths padded to 16, a rank-4 bias."""
-  f32 = lambda x: x.astype(jnp.float32)
-  return (*(_pad_depth(f32(x)) for x in (query, key, value)), _bias4(f32(bias)))
+  """What the kernel takes: query, key, value in float32 or bfloat16 (the kernel converts
+  bfloat16 as it reads; another dtype is cast to float32 here), depths padded to 16; a float32
+  rank-4 bias."""
+  kernel_dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+  same = query.dtype == key.dtype == value.dtype and jnp.dtype(query.dtype) in kernel_dtypes
+  cast = (lambda x: x) if same else (lambda x: x.astype(jnp.float32))
+  return (*(_pad_depth(cast(x)) for x in (query, key, value)), _bias4(bias.astype(jnp.float32)))
 
 
 @jax.custom_vjp
 def attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
   """`query [B, Q, H, D]`, `key`, `value [B, K, H, D]`, `bias` broadcastable to `[B, H, Q, K]`
-  (float32, or another float dtype: cast to float32 for the kernel, so bfloat16 activations get
-  float32 products, softmax and probabilities) -> float32 `[B, Q, H, D]` through the fused
+  (float32, or another float dtype: bfloat16 query, key and value are converted to float32 by
+  the kernel as it reads them, others cast here, so bfloat16 activations get float32 products,
+  softmax and probabilities) -> float32 `[B, Q, H, D]` through the fused
   kernel (built and registered here on first use; an error where `available()` is False).
   Gradients come back in each operand's dtype; the backward keeps the operands as given (not
   their float32 casts). A depth that is not a multiple of 16 is zero-padded to one. Sharded over
