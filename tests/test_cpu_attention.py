@@ -90,9 +90,10 @@ def test_dropout_stays_in_xla():
 
 
 def test_bfloat16_attention_runs_the_kernel_in_float32():
-  """bfloat16 operands are cast to float32 around the kernel: the output is bfloat16, the
-  gradients come back in each operand's dtype, both as close to float32 attention as bfloat16
-  rounding allows (closer than XLA's bfloat16 attention, whose probabilities are bfloat16)."""
+  """bfloat16 operands are read by the kernel and computed in float32: the output is bfloat16,
+  the gradients come back in each operand's dtype, both as close to float32 attention as
+  bfloat16 rounding allows (closer than XLA's bfloat16 attention, whose probabilities are
+  bfloat16); no float32 copy of them is made in XLA."""
   q, k, v, bias, g = operands(2, 40, 40, 2, 16, (2, 2, 40, 40))
   bf16 = jnp.bfloat16
   low = [x.astype(bf16) for x in (q, k, v)]
@@ -103,8 +104,22 @@ def test_bfloat16_attention_runs_the_kernel_in_float32():
   step = jax.jit(jax.value_and_grad(loss(bf16), (0, 1, 2, 3)))
   hlo = step.lower(*low, bias).compile().as_text()
   assert "ptuning_attention_forward" in hlo and " dot(" not in hlo
+  forward = next(line for line in hlo.splitlines() if "ptuning_attention_forward" in line)
+  assert forward.count("bf16[2,40,2,16]") == 4, forward  # q, k, v in, out out: no float32 copy
   out = jax.jit(attend(bf16))(*low, bias)
   assert out.dtype == bf16
+  # The kernel reads bfloat16 and rounds its results to bfloat16 itself: bit for bit what the
+  # float32 kernel on the widened operands gives once XLA rounds it (output and gradients).
+  widened = lambda q, k, v, b: cpu_attention.attention(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), b).astype(bf16)
+  native_loss = lambda f: lambda q, k, v, b: jnp.sum(f(q, k, v, b).astype(jnp.float32) * g)
+  np.testing.assert_array_equal(np.asarray(cpu_attention.attention(*low, bias), np.float32),
+                                np.asarray(widened(*low, bias), np.float32))
+  for ours, theirs in zip(
+      jax.grad(native_loss(cpu_attention.attention), (0, 1, 2, 3))(*low, bias),
+      jax.grad(native_loss(widened), (0, 1, 2, 3))(*low, bias)):
+    assert ours.dtype == theirs.dtype
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
   # the reference: float32 attention of the same (bfloat16-rounded) operands
   exact_low = [x.astype(jnp.float32) for x in low]
   reference = layers.dot_product_attention(*exact_low, bias)

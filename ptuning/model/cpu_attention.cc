@@ -135,7 +135,8 @@ struct Shape {
 };
 
 struct Scratch {  // per thread, grown as needed, reused across calls
-  std::vector<float> keys_t, values_t, probs, grads, rows, key_rows, value_rows, query_rows;
+  std::vector<float> keys_t, values_t, probs, grads, rows, key_rows, value_rows, query_rows,
+      dout_rows, out_rows, dk_rows, dv_rows;
   float inv_sums[kQueryBlock];
   void Reserve(const Shape& s) {
     const size_t kt = s.depth * s.padded_keys, tile = kQueryBlock * s.padded_keys;
@@ -172,6 +173,48 @@ Rows AsFloatRows(const T* src, int64_t stride, int64_t n, int64_t depth,
       }
     return {buffer.data(), depth};
   }
+}
+
+// n result rows of an output (rows `stride` apart, `depth` wide), written as float32 at `data`
+// (rows `ld` apart): float32 outputs in place, bfloat16 ones in `buffer` until `Flush`.
+template <typename T>
+struct OutRows {
+  T* dst;
+  int64_t stride;
+  float* data;
+  int64_t ld;
+};
+template <typename T>
+OutRows<T> MakeOutRows(T* dst, int64_t stride, int64_t n, int64_t depth,
+                       std::vector<float>& buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {dst, stride, dst, stride};
+  } else {
+    if (buffer.size() < static_cast<size_t>(n * depth)) buffer.assign(n * depth, 0.f);
+    return {dst, stride, buffer.data(), depth};
+  }
+}
+
+// Finishes n rows of `o`: each times row_scale[i] (if given), bfloat16 outputs rounded to the
+// nearest even bfloat16 (NaN stays NaN).
+template <typename T>
+void Flush(const OutRows<T>& o, int64_t n, int64_t depth, const float* row_scale) {
+  if (std::is_same_v<T, float> && row_scale == nullptr) return;  // written in place already
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t d = 0; d < depth; d += kLanes) {
+      Vec x = load(o.data + i * o.ld + d);
+      if (row_scale != nullptr) x *= splat(row_scale[i]);
+      if constexpr (std::is_same_v<T, float>) {
+        if (row_scale != nullptr) store(o.dst + i * o.stride + d, x);
+      } else {
+        IVec bits;
+        std::memcpy(&bits, &x, sizeof(bits));
+        IVec rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+        rounded = x != x ? IVec{} + 0x7FC0 : rounded;
+        *reinterpret_cast<HalfVec*>(o.dst + i * o.stride + d) =
+            __builtin_convertvector(rounded, HalfVec);
+      }
+    }
 }
 
 // One butterfly stage of a kLanes x kLanes transpose held in `r` (row i = r[i]): in every 2h x 2h
@@ -250,7 +293,7 @@ void Probabilities(const Shape& s, Rows q_blk, const float* keys_t, const float*
 // T: the element type of q, k and v (float or BFloat16); everything else is float32.
 template <typename T>
 void Forward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, const T* v,
-             const float* bias, float* out) {
+             const float* bias, T* out) {
   scratch.Reserve(s);
   const int64_t offset = s.query_offset(b, h), kv_offset = s.key_offset(b, h);
   const float* bias_bh = bias + s.bias_offset(b, h);
@@ -263,12 +306,11 @@ void Forward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, const
                                    scratch.query_rows);
     Probabilities(s, q_blk, scratch.keys_t.data(), bias_bh, q0, m, scratch.probs.data(),
                   scratch.inv_sums);
-    float* out_blk = out + offset + q0 * s.row();
+    const OutRows<T> out_blk = MakeOutRows(out + offset + q0 * s.row(), s.row(), m, s.depth,
+                                           scratch.out_rows);
     Gemm(m, s.depth, s.keys, scratch.probs.data(), s.padded_keys, 1, values.data, values.stride,
-         out_blk, s.row(), false);
-    for (int64_t i = 0; i < m; ++i)  // softmax's 1 / row sums, on the [m, D] result
-      for (float* o = out_blk + i * s.row(); o < out_blk + i * s.row() + s.depth; o += kLanes)
-        store(o, load(o) * splat(scratch.inv_sums[i]));
+         out_blk.data, out_blk.ld, false);
+    Flush(out_blk, m, s.depth, scratch.inv_sums);  // softmax's 1 / row sums, on the [m, D] result
   }
 }
 
@@ -276,8 +318,7 @@ void Forward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, const
 // the sum over the bias's broadcast dimensions. T as in Forward.
 template <typename T>
 void Backward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, const T* v,
-              const float* bias, const float* dout, float* dq, float* dk, float* dv,
-              float* dscores) {
+              const float* bias, const T* dout, T* dq, T* dk, T* dv, float* dscores) {
   scratch.Reserve(s);
   const int64_t offset = s.query_offset(b, h), kv_offset = s.key_offset(b, h);
   const float* bias_bh = bias + s.bias_offset(b, h);
@@ -289,19 +330,25 @@ void Backward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, cons
             scratch.values_t.data());
   float* scaled_dout = scratch.rows.data();  // [m, D]: dout rows times 1 / row sums
   const float* inv_sums = scratch.inv_sums;
+  const OutRows<T> dk_rows = MakeOutRows(dk + kv_offset, s.row(), s.keys, s.depth,
+                                          scratch.dk_rows);
+  const OutRows<T> dv_rows = MakeOutRows(dv + kv_offset, s.row(), s.keys, s.depth,
+                                          scratch.dv_rows);
   if (s.queries == 0)  // no query block writes dk, dv
     for (int64_t j = 0; j < s.keys; ++j) {
-      std::memset(dk + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
-      std::memset(dv + kv_offset + j * s.row(), 0, s.depth * sizeof(float));
+      std::memset(dk_rows.data + j * dk_rows.ld, 0, s.depth * sizeof(float));
+      std::memset(dv_rows.data + j * dv_rows.ld, 0, s.depth * sizeof(float));
     }
   for (int64_t q0 = 0; q0 < s.queries; q0 += kQueryBlock) {
     const int64_t m = std::min<int64_t>(kQueryBlock, s.queries - q0);
     const Rows q_blk = AsFloatRows(q + offset + q0 * s.row(), s.row(), m, s.depth,
                                    scratch.query_rows);
-    const float* dout_blk = dout + offset + q0 * s.row();
+    const Rows dout_blk = AsFloatRows(dout + offset + q0 * s.row(), s.row(), m, s.depth,
+                                      scratch.dout_rows);
     Probabilities(s, q_blk, scratch.keys_t.data(), bias_bh, q0, m, probs, scratch.inv_sums);
     // dP = dout v^T; with P = E / sums (E = probs here): dS = P * (dP - rowsum(P * dP)).
-    Gemm(m, s.padded_keys, s.depth, dout_blk, s.row(), 1, scratch.values_t.data(), s.padded_keys,
+    Gemm(m, s.padded_keys, s.depth, dout_blk.data, dout_blk.stride, 1, scratch.values_t.data(),
+         s.padded_keys,
          grads, s.padded_keys, false);
     for (int64_t i = 0; i < m; ++i) {
       float* g = grads + i * s.padded_keys;
@@ -314,20 +361,25 @@ void Backward(const Shape& s, int64_t b, int64_t h, const T* q, const T* k, cons
       for (int64_t j = 0; j < s.padded_keys; j += kLanes)
         store(g + j, load(e + j) * inv * (load(g + j) - shift));
       for (int64_t d = 0; d < s.depth; d += kLanes)
-        store(scaled_dout + i * s.depth + d, load(dout_blk + i * s.row() + d) * inv);
+        store(scaled_dout + i * s.depth + d, load(dout_blk.data + i * dout_blk.stride + d) * inv);
       if (dscores != nullptr)
         std::memcpy(dscores + ((b * s.heads + h) * s.queries + q0 + i) * s.keys, g,
                     s.keys * sizeof(float));
     }
-    Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, keys.data, keys.stride,
-         dq + offset + q0 * s.row(), s.row(), false);
+    const OutRows<T> dq_blk = MakeOutRows(dq + offset + q0 * s.row(), s.row(), m, s.depth,
+                                          scratch.out_rows);
+    Gemm(m, s.depth, s.keys, grads, s.padded_keys, 1, keys.data, keys.stride, dq_blk.data,
+         dq_blk.ld, false);
+    Flush(dq_blk, m, s.depth, nullptr);
     // dk (+)= dS^T q, dv (+)= E^T (dout / sums): the tiles read transposed (a(j, i) = tile[i, j]);
     // the first block writes, later ones accumulate.
-    Gemm(s.keys, s.depth, m, grads, 1, s.padded_keys, q_blk.data, q_blk.stride, dk + kv_offset,
-         s.row(), q0 > 0);
-    Gemm(s.keys, s.depth, m, probs, 1, s.padded_keys, scaled_dout, s.depth, dv + kv_offset,
-         s.row(), q0 > 0);
+    Gemm(s.keys, s.depth, m, grads, 1, s.padded_keys, q_blk.data, q_blk.stride, dk_rows.data,
+         dk_rows.ld, q0 > 0);
+    Gemm(s.keys, s.depth, m, probs, 1, s.padded_keys, scaled_dout, s.depth, dv_rows.data,
+         dv_rows.ld, q0 > 0);
   }
+  Flush(dk_rows, s.keys, s.depth, nullptr);
+  Flush(dv_rows, s.keys, s.depth, nullptr);
 }
 
 // Runs body(i) for i in [0, n) on the caller and XLA's intra-op pool. Pool tasks that start after
@@ -377,63 +429,71 @@ ffi::Error MakeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi
   return ffi::Error::Success();
 }
 
-// body(const T* q, const T* k, const T* v) with T the element type MakeShape accepted.
+// body(T{}) with T = float or BFloat16, q's element type (which MakeShape accepted).
 template <typename Body>
-void WithElementType(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
-                     const Body& body) {
+void WithElementType(const ffi::AnyBuffer& q, const Body& body) {
   if (q.element_type() == ffi::DataType::BF16)
-    body(static_cast<const BFloat16*>(q.untyped_data()),
-         static_cast<const BFloat16*>(k.untyped_data()),
-         static_cast<const BFloat16*>(v.untyped_data()));
+    body(BFloat16{});
   else
-    body(static_cast<const float*>(q.untyped_data()), static_cast<const float*>(k.untyped_data()),
-         static_cast<const float*>(v.untyped_data()));
+    body(float{});
+}
+
+template <typename T>
+T* Data(const ffi::AnyBuffer& buffer) {
+  return static_cast<T*>(buffer.untyped_data());
 }
 
 ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                             ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias,
-                            ffi::ResultBuffer<ffi::F32> out) {
+                            ffi::Result<ffi::AnyBuffer> out) {
   Shape s;
   if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
-  WithElementType(q, k, v, [&](auto q_data, auto k_data, auto v_data) {
+  if (out->element_type() != q.element_type())
+    return ffi::Error::InvalidArgument("attention: the output must have q's dtype");
+  WithElementType(q, [&](auto tag) {
+    using T = decltype(tag);
     ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
-      Forward(s, i / s.heads, i % s.heads, q_data, k_data, v_data, bias.typed_data(),
-              out->typed_data());
+      Forward(s, i / s.heads, i % s.heads, Data<const T>(q), Data<const T>(k), Data<const T>(v),
+              bias.typed_data(), Data<T>(*out));
     });
   });
   return ffi::Error::Success();
 }
 
+// dq, dk, dv in q's dtype; dscores (float32 [B, H, Q, K]) optional.
 ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::AnyBuffer& q, ffi::AnyBuffer& k,
-                       ffi::AnyBuffer& v, ffi::Buffer<ffi::F32>& bias,
-                       ffi::Buffer<ffi::F32>& dout, ffi::ResultBuffer<ffi::F32>& dq,
-                       ffi::ResultBuffer<ffi::F32>& dk, ffi::ResultBuffer<ffi::F32>& dv,
-                       float* dscores) {
+                       ffi::AnyBuffer& v, ffi::Buffer<ffi::F32>& bias, ffi::AnyBuffer& dout,
+                       ffi::Result<ffi::AnyBuffer>& dq, ffi::Result<ffi::AnyBuffer>& dk,
+                       ffi::Result<ffi::AnyBuffer>& dv, float* dscores) {
   Shape s;
   if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
-  WithElementType(q, k, v, [&](auto q_data, auto k_data, auto v_data) {
+  for (const ffi::AnyBuffer* x : {&dout, &*dq, &*dk, &*dv})
+    if (x->element_type() != q.element_type())
+      return ffi::Error::InvalidArgument("attention: dout, dq, dk, dv must have q's dtype");
+  WithElementType(q, [&](auto tag) {
+    using T = decltype(tag);
     ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
-      Backward(s, i / s.heads, i % s.heads, q_data, k_data, v_data, bias.typed_data(),
-               dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(), dscores);
+      Backward(s, i / s.heads, i % s.heads, Data<const T>(q), Data<const T>(k), Data<const T>(v),
+               bias.typed_data(), Data<const T>(dout), Data<T>(*dq), Data<T>(*dk), Data<T>(*dv),
+               dscores);
     });
   });
   return ffi::Error::Success();
 }
 
 ffi::Error AttentionBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                             ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias,
-                             ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                             ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+                             ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias, ffi::AnyBuffer dout,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv) {
   return RunBackward(pool, q, k, v, bias, dout, dq, dk, dv, nullptr);
 }
 
 // The backward that also returns dS [B, H, Q, K] (for a differentiated bias).
 ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
                                        ffi::AnyBuffer v, ffi::Buffer<ffi::F32> bias,
-                                       ffi::Buffer<ffi::F32> dout,
-                                       ffi::ResultBuffer<ffi::F32> dq,
-                                       ffi::ResultBuffer<ffi::F32> dk,
-                                       ffi::ResultBuffer<ffi::F32> dv,
+                                       ffi::AnyBuffer dout, ffi::Result<ffi::AnyBuffer> dq,
+                                       ffi::Result<ffi::AnyBuffer> dk,
+                                       ffi::Result<ffi::AnyBuffer> dv,
                                        ffi::ResultBuffer<ffi::F32> dscores) {
   const auto qd = q.dimensions(), kd = k.dimensions(), sd = dscores->dimensions();
   if (qd.size() != 4 || kd.size() != 4 || sd.size() != 4 || sd[0] != qd[0] || sd[1] != qd[2] ||
@@ -447,33 +507,33 @@ ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::AnyBuffer q, f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionForward, AttentionForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>()           // q
+                                  .Arg<ffi::AnyBuffer>()           // k
+                                  .Arg<ffi::AnyBuffer>()           // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias
+                                  .Ret<ffi::AnyBuffer>());         // out
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>()           // q
+                                  .Arg<ffi::AnyBuffer>()           // k
+                                  .Arg<ffi::AnyBuffer>()           // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias
+                                  .Arg<ffi::AnyBuffer>()           // dout
+                                  .Ret<ffi::AnyBuffer>()           // dq
+                                  .Ret<ffi::AnyBuffer>()           // dk
+                                  .Ret<ffi::AnyBuffer>());         // dv
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackwardWithScores, AttentionBackwardWithScores,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Arg<ffi::AnyBuffer>()           // q
+                                  .Arg<ffi::AnyBuffer>()           // k
+                                  .Arg<ffi::AnyBuffer>()           // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias
+                                  .Arg<ffi::AnyBuffer>()           // dout
+                                  .Ret<ffi::AnyBuffer>()           // dq
+                                  .Ret<ffi::AnyBuffer>()           // dk
+                                  .Ret<ffi::AnyBuffer>()           // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dS

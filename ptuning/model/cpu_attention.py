@@ -134,12 +134,12 @@ def _bias4(bias: Array) -> Array:
 
 
 def _forward_call(query, key, value, bias):
-  return jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct(query.shape, jnp.float32),
+  return jax.ffi.ffi_call(_FORWARD, jax.ShapeDtypeStruct(query.shape, query.dtype),
                           vmap_method="sequential")(query, key, value, bias)
 
 
 def _backward_call(query, key, value, bias, grad):
-  shapes = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value)]
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value)]
   return tuple(jax.ffi.ffi_call(_BACKWARD, shapes, vmap_method="sequential")(
       query, key, value, bias, grad))
 
@@ -147,7 +147,7 @@ def _backward_call(query, key, value, bias, grad):
 def _backward_with_scores_call(query, key, value, bias, grad):
   """`_backward_call`'s dq, dk, dv and the score gradient dS `[B, H, Q, K]`."""
   batch, queries, heads, _ = query.shape
-  shapes = [jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (query, key, value)]
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (query, key, value)]
   shapes.append(jax.ShapeDtypeStruct((batch, heads, queries, key.shape[1]), jnp.float32))
   return tuple(jax.ffi.ffi_call(_BACKWARD_SCORES, shapes, vmap_method="sequential")(
       query, key, value, bias, grad))
@@ -187,14 +187,20 @@ def _pad_depth(x: Array) -> Array:
   return jnp.pad(x, ((0, 0),) * 3 + ((0, extra),)) if extra else x
 
 
-def _kernel_operands(query: Array, key: Array, value: Array, bias: Array) -> tuple[Array, ...]:
-  """What the kernel takes: query, key, value in float32 or bfloat16 (the kernel converts
-  bfloat16 as it reads; another dtype is cast to float32 here), depths padded to 16; a float32
-  rank-4 bias."""
+def _kernel_dtype(query: Array, key: Array, value: Array) -> jnp.dtype:
+  """The dtype the kernel reads and writes for these operands: theirs if float32 or bfloat16
+  alike, else float32 (cast here)."""
   kernel_dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
   same = query.dtype == key.dtype == value.dtype and jnp.dtype(query.dtype) in kernel_dtypes
-  cast = (lambda x: x) if same else (lambda x: x.astype(jnp.float32))
-  return (*(_pad_depth(cast(x)) for x in (query, key, value)), _bias4(bias.astype(jnp.float32)))
+  return jnp.dtype(query.dtype) if same else jnp.dtype(jnp.float32)
+
+
+def _kernel_operands(query: Array, key: Array, value: Array, bias: Array) -> tuple[Array, ...]:
+  """What the kernel takes: query, key, value in `_kernel_dtype` (bfloat16 converted to float32
+  by the kernel as it reads), depths padded to 16; a float32 rank-4 bias."""
+  dtype = _kernel_dtype(query, key, value)
+  return (*(_pad_depth(x.astype(dtype)) for x in (query, key, value)),
+          _bias4(bias.astype(jnp.float32)))
 
 
 @jax.custom_vjp
@@ -202,7 +208,8 @@ def attention(query: Array, key: Array, value: Array, bias: Array) -> Array:
   """`query [B, Q, H, D]`, `key`, `value [B, K, H, D]`, `bias` broadcastable to `[B, H, Q, K]`
   (float32, or another float dtype: bfloat16 query, key and value are converted to float32 by
   the kernel as it reads them, others cast here, so bfloat16 activations get float32 products,
-  softmax and probabilities) -> float32 `[B, Q, H, D]` through the fused
+  softmax and probabilities) -> `[B, Q, H, D]` in `_kernel_dtype` (bfloat16 for bfloat16
+  operands, rounded by the kernel as it writes; else float32) through the fused
   kernel (built and registered here on first use; an error where `available()` is False).
   Gradients come back in each operand's dtype; the backward keeps the operands as given (not
   their float32 casts). A depth that is not a multiple of 16 is zero-padded to one. Sharded over
@@ -227,7 +234,8 @@ def _attention_bwd(residuals, grad):
     grad = jnp.zeros(grad.shape, grad.dtype)
   depth = query.shape[-1]
   call = _backward_with_scores_call if bias_perturbed else _backward_call
-  grads = _per_shard(call, *_kernel_operands(*args), _pad_depth(grad.astype(jnp.float32)))
+  grads = _per_shard(call, *_kernel_operands(*args),
+                     _pad_depth(grad.astype(_kernel_dtype(query, key, value))))
   bias_grad = None  # a bias that is not differentiated gets no gradient
   if bias_perturbed:  # dS [B, H, Q, K] summed over the bias's broadcast (and missing) dimensions
     scores_grad = grads[3]
