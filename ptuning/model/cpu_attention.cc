@@ -42,6 +42,7 @@ constexpr int kQueryBlock = 96;  // query rows per block: a [96, K] probability 
 
 typedef float Vec __attribute__((vector_size(kLanes * 4), aligned(4)));  // unaligned access
 typedef int32_t IVec __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t UVec __attribute__((vector_size(kLanes * 4)));
 
 inline Vec load(const float* p) { return *reinterpret_cast<const Vec*>(p); }
 inline void store(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
@@ -207,10 +208,10 @@ void Flush(const OutRows<T>& o, int64_t n, int64_t depth, const float* row_scale
       if constexpr (std::is_same_v<T, float>) {
         if (row_scale != nullptr) store(o.dst + i * o.stride + d, x);
       } else {
-        IVec bits;
+        UVec bits;  // unsigned: the rounding carry wraps (NaNs, replaced below) instead of UB
         std::memcpy(&bits, &x, sizeof(bits));
-        IVec rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
-        rounded = x != x ? IVec{} + 0x7FC0 : rounded;
+        UVec rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+        rounded = x != x ? UVec{} + 0x7FC0u : rounded;
         *reinterpret_cast<HalfVec*>(o.dst + i * o.stride + d) =
             __builtin_convertvector(rounded, HalfVec);
       }
