@@ -206,7 +206,7 @@ void Flush(const OutRows<T>& o, int64_t n, int64_t depth, const float* row_scale
       Vec x = load(o.data + i * o.ld + d);
       if (row_scale != nullptr) x *= splat(row_scale[i]);
       if constexpr (std::is_same_v<T, float>) {
-        if (row_scale != nullptr) store(o.dst + i * o.stride + d, x);
+        store(o.dst + i * o.stride + d, x);  // scaled (unscaled float32 returned above)
       } else {
         UVec bits;  // unsigned: the rounding carry wraps (NaNs, replaced below) instead of UB
         std::memcpy(&bits, &x, sizeof(bits));
@@ -503,38 +503,28 @@ ffi::Error AttentionBackwardWithScores(ffi::ThreadPool pool, ffi::AnyBuffer q, f
   return RunBackward(pool, q, k, v, bias, dout, dq, dk, dv, dscores->typed_data());
 }
 
+// Bindings: q, k, v (float32 or bfloat16) and the float32 bias, as every handler takes them;
+// the backward's dout in and dq, dk, dv out (q's dtype).
+auto BindOperands() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()            // q
+      .Arg<ffi::AnyBuffer>()            // k
+      .Arg<ffi::AnyBuffer>()            // v
+      .Arg<ffi::Buffer<ffi::F32>>();    // bias
+}
+auto BindBackward() {
+  return BindOperands()
+      .Arg<ffi::AnyBuffer>()            // dout
+      .Ret<ffi::AnyBuffer>()            // dq
+      .Ret<ffi::AnyBuffer>()            // dk
+      .Ret<ffi::AnyBuffer>();           // dv
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionForward, AttentionForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // q
-                                  .Arg<ffi::AnyBuffer>()           // k
-                                  .Arg<ffi::AnyBuffer>()           // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias
-                                  .Ret<ffi::AnyBuffer>());         // out
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // q
-                                  .Arg<ffi::AnyBuffer>()           // k
-                                  .Arg<ffi::AnyBuffer>()           // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias
-                                  .Arg<ffi::AnyBuffer>()           // dout
-                                  .Ret<ffi::AnyBuffer>()           // dq
-                                  .Ret<ffi::AnyBuffer>()           // dk
-                                  .Ret<ffi::AnyBuffer>());         // dv
-
+                              BindOperands().Ret<ffi::AnyBuffer>());  // out
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackward, AttentionBackward, BindBackward());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PtuningAttentionBackwardWithScores, AttentionBackwardWithScores,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // q
-                                  .Arg<ffi::AnyBuffer>()           // k
-                                  .Arg<ffi::AnyBuffer>()           // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias
-                                  .Arg<ffi::AnyBuffer>()           // dout
-                                  .Ret<ffi::AnyBuffer>()           // dq
-                                  .Ret<ffi::AnyBuffer>()           // dk
-                                  .Ret<ffi::AnyBuffer>()           // dv
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dS
+                              BindBackward().Ret<ffi::Buffer<ffi::F32>>());  // dS
