@@ -12,9 +12,9 @@
 #   nobarrier   the same with --no-norm_barrier (T5Config.norm_barrier off), ours, profiled
 #   peer        on cards under 100 GiB (an H100): ours and PEFT at batch 16
 #   flags       the record's configuration, ours alone, not profiled, once per XLA flag set in
-#               FLAG_SETS (';'-separated, 'none' = no flag; default: the GEMM and fusion choices
-#               below), then one line per set; about 1 minute each, longer with exhaustive
-#               tiling: give it a command of its own, or split FLAG_SETS over two
+#               FLAG_SETS (';'-separated, 'none' = no flag beyond ptuning/xla_flags.py's defaults,
+#               which a set naming the same flag overrides; default: the GEMM and fusion choices
+#               below), then one line per set; about 45 s each, longer with exhaustive tiling
 # and FULL=1 adds the scan and default variants. Writes OUT/gpu_<card>_t5_1_1_xl_*.json (card:
 # h100, h200, ...), each profiled step's trace and HLO (gzip), and prints each run.
 # Time: one bench run of ours took about 4 minutes on an H100 (2026-11-27: record, profiled; 3 of
@@ -70,10 +70,12 @@ if want peer && [ "$small_card" = 1 ]; then
     --json "${G}_cudnn_bf16_params_batch16.json"
 fi
 if want flags; then
-  # (exhaustive tiling last: it compiles longest; heroless Triton fusion took the XL step's
-  # 4-layer program from 346 to 330 kernels in gpu_hlo.py, the others changed nothing there)
-  DEFAULT_SETS="none;--xla_gpu_enable_triton_gemm=false;--xla_gpu_cudnn_gemm_fusion_level=2"
-  DEFAULT_SETS+=";--xla_gpu_experimental_enable_triton_heroless_priority_fusion=true"
+  # H100, 2026-11-27 (s/step, one machine): none (then XLA's default, cuDNN GEMM fusion level 0)
+  # 0.2687 / 0.2700 / 0.2693; cuDNN GEMM fusion level 2 0.2646 / 0.2664 / 0.2653 (now the
+  # default, ptuning/xla_flags.py), level 3 0.2645; cuBLAS instead of Triton GEMMs 0.2779;
+  # heroless Triton fusion 0.2777; CUDA graphs for cuDNN and cuBLASLt too 0.2688. Not yet run:
+  # block-level fusion rewriting, exhaustive tiling (last: it compiles longest).
+  DEFAULT_SETS="none;--xla_gpu_cudnn_gemm_fusion_level=0;--xla_gpu_cudnn_gemm_fusion_level=3"
   DEFAULT_SETS+=";--xla_gpu_experimental_enable_fusion_block_level_rewriter=true"
   DEFAULT_SETS+=";--xla_gpu_exhaustive_tiling_search=true"
   IFS=';' read -r -a flag_sets <<< "${FLAG_SETS:-$DEFAULT_SETS}"

@@ -415,6 +415,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":  # `ptuning bench` without the gin-aware CLI (e.g. on a bare GPU image)
+  from ptuning import xla_flags
+  xla_flags.add_defaults()  # as the CLI does, before JAX starts
   parser = argparse.ArgumentParser(prog="python -m ptuning.bench")
   add_arguments(parser)
   sys.exit(run(parser.parse_args()))

@@ -8,8 +8,10 @@ import os
 import sys
 
 from ptuning import distributed  # stdlib-only at import
+from ptuning import xla_flags  # stdlib-only too
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+xla_flags.add_defaults()  # before any command imports JAX
 
 
 def _add_score(sub):

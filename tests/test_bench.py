@@ -60,6 +60,7 @@ def test_bench_tiny_against_peft(tmp_path, capsys):
   assert result["hardware"]["peak_flops"] > 0
   # the XLA flags of the run are part of its record (here conftest's 8 fake devices)
   assert "--xla_force_host_platform_device_count=8" in result["hardware"]["xla_flags"]
+  assert "--xla_gpu_cudnn_gemm_fusion_level=2" in result["hardware"]["xla_flags"]  # the CLI's
   assert "XLA_FLAGS: " in output
   # ... and whether float32 attention ran the fused CPU kernel
   assert result["hardware"]["cpu_attention_kernel"] is True
