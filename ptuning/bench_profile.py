@@ -13,8 +13,13 @@ with the FLOPs of the dots inside each op, so each row reads as achieved GFLOP/s
 matmuls are also library calls: cuBLAS gemm custom-calls count as dots (their dimension numbers
 come from the backend config) and cuDNN flash attention calls (`--attention cudnn`) form their
 own row, `attention (cuDNN fused)`, counted with the products the kernels do (forward
-`4*B*N*T*S*H`, backward 2.5 times that: scores recomputed, then four gradient products). The
-GPU trace holds kernels (`classify_kernel` maps them back to instructions by name). Times are
+`4*B*N*T*S*H`, backward 2.5 times that: scores recomputed, then four gradient products). GEMM
+fusions that XLA's autotuner gave to cuDNN (`--xla_gpu_cudnn_gemm_fusion_level`, a default of
+ours) run as cuDNN's `matMul` engines, named by cuDNN and often inside CUDA graphs, so their
+kernels cannot be matched to instructions: they form the row `matmul (cuDNN GEMM fusions)`, with
+the FLOPs of the entry computation's cuDNN fusions (each runs once per step; inside a loop body
+they are not counted). The GPU trace holds kernels (`classify_kernel` maps them back to
+instructions by name). Times are
 summed over the threads that launch ops; with several CPU threads one op may use them all, or
 two ops may run side by side, so the rows can add up to more than the step's wall time; the
 occupancy sweep (`occupancy`) splits the step into time with no op, one op and two or more ops
@@ -103,6 +108,21 @@ def classify(op: str, shapes: dict, bodies: dict, lines: dict) -> tuple[str, flo
   return f"{kind}: {_NUMBERED.sub('', op)}", 0.0
 
 
+CUDNN_GEMMS = "matmul (cuDNN GEMM fusions)"
+
+
+def cudnn_gemm_flops(hlo: str, shapes: dict, bodies: dict, lines: dict) -> float:
+  """FLOPs of the entry computation's GEMM fusions that XLA gave to cuDNN (`"kind":"__cudnn$fusion"`
+  in their backend config): what one step's `CUDNN_GEMMS` kernels compute."""
+  entry = re.search(r"^ENTRY %?([\w.\-]+)", hlo, re.M)
+  total = 0.0
+  for line in bodies.get(entry.group(1), "").splitlines() if entry else ():
+    match = _INSTRUCTION.match(line)
+    if match and '"kind":"__cudnn$fusion"' in line:
+      total += classify(match.group(1), shapes, bodies, lines)[1]
+  return total
+
+
 def classify_kernel(kernel: str, shapes: dict, bodies: dict, lines: dict) -> tuple[str, float]:
   """(category, FLOPs) of a GPU kernel: XLA names a fusion's kernel after its instruction
   ('gemm_fusion_dot_25' for 'gemm_fusion_dot.25'); library kernels keep their own names (cuBLAS
@@ -110,6 +130,8 @@ def classify_kernel(kernel: str, shapes: dict, bodies: dict, lines: dict) -> tup
   for op in (kernel, re.sub(r"_(\d+)$", r".\1", kernel)):
     if op in lines:
       return classify(op, shapes, bodies, lines)
+  if "matMul" in kernel:  # cuDNN's GEMM engines ('..._sm90_matMul_pointwise_knob_3_...')
+    return CUDNN_GEMMS, 0.0
   if "sdpa" in kernel or "fmha" in kernel or "cudnn" in kernel:
     return "attention (cuDNN fused)", 0.0
   if "nvjet" in kernel or "gemm" in kernel or "cutlass" in kernel:
@@ -159,6 +181,8 @@ def read_trace(trace_file: str, hlo: str, steps: int) -> dict:
         flops[category] += f
         count[category] += 1
         spans.append((event.start_ns, event.start_ns + event.duration_ns, category))
+  if CUDNN_GEMMS in time_ns:
+    flops[CUDNN_GEMMS] = steps * cudnn_gemm_flops(hlo, shapes, bodies, lines)
   rows = [(c, time_ns[c] / 1e6 / steps, flops[c] / 1e9 / steps, count[c] / steps)
           for c in sorted(time_ns, key=time_ns.get, reverse=True)]
   return {"steps": steps, "rows": rows, "trace": trace_file, "occupancy": occupancy(spans, steps)}

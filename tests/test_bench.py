@@ -214,8 +214,10 @@ def test_occupancy_splits_time_by_how_many_ops_run():
 def test_profile_reads_gpu_library_calls_and_kernels():
   """GPU HLO: cuBLAS gemm custom-calls count as dots (dimension numbers from the backend config,
   tuple-shaped results), cuDNN flash attention is its own row with the kernels' products; GPU
-  kernel names map back to their fusions ('gemm_fusion_dot_2' -> 'gemm_fusion_dot.2')."""
-  from ptuning.bench_profile import index_hlo, classify, classify_kernel
+  kernel names map back to their fusions ('gemm_fusion_dot_2' -> 'gemm_fusion_dot.2'), cuDNN's
+  GEMM engines to the entry's cuDNN GEMM fusions."""
+  from ptuning.bench_profile import (CUDNN_GEMMS, classify, classify_kernel, cudnn_gemm_flops,
+                                     index_hlo)
   gemm_config = ('"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
                  '"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],'
                  '"rhs_batch_dimensions":[]}')
@@ -231,7 +233,10 @@ def test_profile_reads_gpu_library_calls_and_kernels():
       'custom_call_target="__cudnn$fmhaScaleBiasSoftmax", backend_config={}',
       "  %custom-call.3 = (bf16[2,10,4,8]{3,2,1,0}, bf16[2,12,4,8]{3,2,1,0}) custom-call(%q, %k), "
       'custom_call_target="__cudnn$fmhaScaleBiasSoftmaxBackward", backend_config={}',
-      "  ROOT %gemm_fusion_dot.2 = bf16[64,48]{1,0} fusion(%x, %w), kind=kCustom, calls=%body",
+      "  %gemm_fusion_dot.3 = bf16[64,48]{1,0} fusion(%x, %w), kind=kCustom, calls=%body, "
+      'backend_config={"fusion_backend_config":{"kind":"__cudnn$fusion"}}',
+      "  ROOT %gemm_fusion_dot.2 = bf16[64,48]{1,0} fusion(%x, %w), kind=kCustom, calls=%body, "
+      'backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}',
       "}",
       "%body (a: bf16[64,32], b: bf16[32,48]) -> bf16[64,48] {",
       "  %a = bf16[64,32]{1,0} parameter(0)",
@@ -247,6 +252,11 @@ def test_profile_reads_gpu_library_calls_and_kernels():
   assert classify_kernel("cudnn_generated_fort_native_sdpa_sm90_flash_bprop", *index)[0] == \
       "attention (cuDNN fused)"
   assert classify_kernel("nvjet_sm90_tst_128x160", *index) == ("matmul (cuBLAS)", 0.0)
+  # GEMM fusions given to cuDNN: its 'matMul' engines, counted with the entry's cuDNN fusions'
+  # FLOPs (gemm_fusion_dot.3 here; the Triton one, .2, is its own kernel)
+  assert classify_kernel("cudnn_generated_fort_native_sm90_matMul_pointwise_knob_3_128x128x64",
+                         *index) == (CUDNN_GEMMS, 0.0)
+  assert cudnn_gemm_flops(hlo, *index) == 2.0 * 64 * 48 * 32
   assert classify_kernel("memcpy128", *index) == ("copy: memcpy128", 0.0)
 
 
