@@ -431,13 +431,17 @@ ffi::Error MakeShape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi
   return ffi::Error::Success();
 }
 
-// body(T{}) with T = float or BFloat16, q's element type (which MakeShape accepted).
+// body(T{}, b, h) for every (batch b, head h) pair, one work item each on the pool; T = float or
+// BFloat16, q's element type (which MakeShape accepted).
 template <typename Body>
-void WithElementType(const ffi::AnyBuffer& q, const Body& body) {
+void ForEachPair(ffi::ThreadPool& pool, const Shape& s, const ffi::AnyBuffer& q, const Body& body) {
+  const auto run = [&](auto tag) {
+    ParallelFor(pool, s.batch * s.heads, [&](int64_t i) { body(tag, i / s.heads, i % s.heads); });
+  };
   if (q.element_type() == ffi::DataType::BF16)
-    body(BFloat16{});
+    run(BFloat16{});
   else
-    body(float{});
+    run(float{});
 }
 
 template <typename T>
@@ -452,12 +456,10 @@ ffi::Error AttentionForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
   if (auto error = MakeShape(q, k, v, bias, &s); error.failure()) return error;
   if (out->element_type() != q.element_type())
     return ffi::Error::InvalidArgument("attention: the output must have q's dtype");
-  WithElementType(q, [&](auto tag) {
+  ForEachPair(pool, s, q, [&](auto tag, int64_t b, int64_t h) {
     using T = decltype(tag);
-    ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
-      Forward(s, i / s.heads, i % s.heads, Data<const T>(q), Data<const T>(k), Data<const T>(v),
-              bias.typed_data(), Data<T>(*out));
-    });
+    Forward(s, b, h, Data<const T>(q), Data<const T>(k), Data<const T>(v), bias.typed_data(),
+            Data<T>(*out));
   });
   return ffi::Error::Success();
 }
@@ -472,13 +474,10 @@ ffi::Error RunBackward(ffi::ThreadPool& pool, ffi::AnyBuffer& q, ffi::AnyBuffer&
   for (const ffi::AnyBuffer* x : {&dout, &*dq, &*dk, &*dv})
     if (x->element_type() != q.element_type())
       return ffi::Error::InvalidArgument("attention: dout, dq, dk, dv must have q's dtype");
-  WithElementType(q, [&](auto tag) {
+  ForEachPair(pool, s, q, [&](auto tag, int64_t b, int64_t h) {
     using T = decltype(tag);
-    ParallelFor(pool, s.batch * s.heads, [&](int64_t i) {
-      Backward(s, i / s.heads, i % s.heads, Data<const T>(q), Data<const T>(k), Data<const T>(v),
-               bias.typed_data(), Data<const T>(dout), Data<T>(*dq), Data<T>(*dk), Data<T>(*dv),
-               dscores);
-    });
+    Backward(s, b, h, Data<const T>(q), Data<const T>(k), Data<const T>(v), bias.typed_data(),
+             Data<const T>(dout), Data<T>(*dq), Data<T>(*dk), Data<T>(*dv), dscores);
   });
   return ffi::Error::Success();
 }
