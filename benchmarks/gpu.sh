@@ -15,6 +15,9 @@
 #               FLAG_SETS (';'-separated, 'none' = no flag beyond ptuning/xla_flags.py's defaults,
 #               which a set naming the same flag overrides; default: the GEMM and fusion choices
 #               below), then one line per set; about 45 s each, longer with exhaustive tiling
+#               (FLAG_TIMEOUT seconds each, default 150)
+#   batches     the record's configuration, ours alone, not profiled, at each batch in BATCHES
+#               (default "32 64"), then one line per batch
 # and FULL=1 adds the scan and default variants. Writes OUT/gpu_<card>_t5_1_1_xl_*.json (card:
 # h100, h200, ...), each profiled step's trace and HLO (gzip), and prints each run.
 # Time: one bench run of ours took about 4 minutes on an H100 (2026-11-27: record, profiled; 3 of
@@ -74,25 +77,40 @@ if want flags; then
   # 0.2687 / 0.2700 / 0.2693; cuDNN GEMM fusion level 2 0.2646 / 0.2664 / 0.2653 (now the
   # default, ptuning/xla_flags.py), level 3 0.2645; cuBLAS instead of Triton GEMMs 0.2779;
   # heroless Triton fusion 0.2777; CUDA graphs for cuDNN and cuBLASLt too 0.2688. Another
-  # machine: none 0.2733, block-level fusion rewriting 0.2732. Not yet run: exhaustive tiling
-  # (last: it compiles longest).
+  # machine: none 0.2733, block-level fusion rewriting 0.2732. Exhaustive tiling search had not
+  # finished compiling after 280 s (a third machine, 2026-11-27; FLAG_TIMEOUT=600 to wait longer).
   DEFAULT_SETS="none;--xla_gpu_cudnn_gemm_fusion_level=0;--xla_gpu_cudnn_gemm_fusion_level=3"
-  DEFAULT_SETS+=";--xla_gpu_exhaustive_tiling_search=true"
   IFS=';' read -r -a flag_sets <<< "${FLAG_SETS:-$DEFAULT_SETS}"
   i=0
   for flags in "${flag_sets[@]}"; do
     [ "$flags" = none ] && flags=""
     # shellcheck disable=SC2086
-    XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" timeout 150 "$PY" -m ptuning.bench $XL --batch 32 \
-      $FAST --json "${G}_cudnn_bf16_params_flags_$i.json"
+    XLA_FLAGS="$(echo ${XLA_FLAGS:-} $flags)" timeout "${FLAG_TIMEOUT:-150}" "$PY" -m ptuning.bench $XL --batch 32 \
+      $FAST --json "${G}_cudnn_bf16_params_flags_$i.json" \
+      || echo "flag set '${flags:-none}': exit status $? (124: not done in FLAG_TIMEOUT seconds)"
     i=$((i + 1))
   done
   "$PY" - "${G}"_cudnn_bf16_params_flags_*.json <<'PYEOF'
-import json, sys
-for path in sys.argv[1:]:
+import json, os, sys
+for path in filter(os.path.exists, sys.argv[1:]):
   r = json.load(open(path))
   flags = r["hardware"].get("xla_flags") or "(none)"
   print(f"{r['ours']['step_s_median']:.4f} s/step  {r['ours']['flops_per_s'] / r['hardware']['peak_flops']:.1%} MFU  {flags}")
+PYEOF
+fi
+if want batches; then
+  for b in ${BATCHES:-32 64}; do
+    # shellcheck disable=SC2086
+    timeout 200 "$PY" -m ptuning.bench $XL --batch "$b" $FAST --json "${G}_cudnn_bf16_params_batch_$b.json"
+  done
+  "$PY" - "${G}"_cudnn_bf16_params_batch_*.json <<'PYEOF'
+import json, os, sys
+for path in filter(os.path.exists, sys.argv[1:]):
+  r = json.load(open(path))
+  o, b = r["ours"], r["config"]["batch"]
+  print(f"batch {b}: {o['step_s_median']:.4f} s/step  {o['step_s_median'] / b * 1e3:.2f} ms/example  "
+        f"{o['flops_per_s'] / r['hardware']['peak_flops']:.1%} MFU  "
+        f"{o.get('device_peak_bytes', 0) / 2**30:.1f} GiB")
 PYEOF
 fi
 [ "${FULL:-0}" = 1 ] || exit 0
