@@ -18,7 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ptuning-tests-xla-cache-")
   os.environ["PTUNING_TESTS_OWN_XLA_CACHE"] = str(os.getpid())
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Only programs that take half a second or more to compile: the thousands of one-operation
+# programs of un-jitted model code compile in milliseconds, and each entry written costs more
+# than that, since with the size limit below every write scans the whole directory (a subset
+# of the tests took 247 s caching everything, 169 s with this threshold, on a 2-core AMD EPYC).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # A size limit turns on JAX's file lock around each entry's read and write: two workers that
 # compile the same program at once never read a half-written entry.

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ptuning import plan, sharding
+from ptuning.model.config import get_preset
 from ptuning.prompts.vanilla import PromptTuning
 from ptuning.sharding import to_global_batch
 from ptuning.train.experiment import TrainConfig, build_experiment
@@ -74,6 +75,21 @@ def test_base_model_plan_remat_and_microbatches_use_clearly_less_memory(tmp_path
   assert 0.9e9 < none["frozen_params"] < 1.0e9  # 247.6M parameters x 4 bytes
   assert full["flops_per_step_global"] > none["flops_per_step_global"]  # the recomputation
   assert none["fits"] and "full" in out and "GiB" in out
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_step_flops_from_short_programs_equal_the_whole_unrolled_count(remat):
+  """`plan.step_flops` extrapolates from 2+2, 3+2 and 2+3 unrolled layers; the whole unrolled
+  program of a 5+4-layer model counts the same FLOPs."""
+  model = get_preset("tiny_t5_1_1").replace(num_encoder_layers=5, num_decoder_layers=4,
+                                            remat_policy=remat)
+  config = TrainConfig(model_dir="/nonexistent", model=model, batch_size=8,
+                       method=PromptTuning(length=5), task_feature_lengths={"inputs": 12, "targets": 4},
+                       mesh=sharding.MeshConfig(data=4, model=2), remat_policy=remat)
+  whole = plan._unrolled_flops(config, 5, 4)
+  assert whole > plan._unrolled_flops(config, 3, 2) > 0
+  # XLA sums its count in float32 (spacing 16 at 2e8), so the totals agree to rounding only.
+  assert plan.step_flops(config) == pytest.approx(whole, rel=1e-6)
 
 
 def test_microbatched_step_is_the_same_update():

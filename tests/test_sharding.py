@@ -85,6 +85,21 @@ def test_random_init_gives_scanned_and_unrolled_layers_the_same_numbers():
     assert np.std(w) == pytest.approx(cfg.d_ff ** -0.5, rel=0.1)
 
 
+def test_building_a_model_again_reuses_its_compiled_initialiser():
+  """A second `init_params` of the same config, mesh and rules (another key) traces and compiles
+  nothing: the jitted initialiser is kept (train then eval in one process, the tests)."""
+  cfg = PRESETS["tiny_t5_1_1"].replace(num_decoder_layers=3)
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, model=2))
+  first = param_tree.flatten(build.init_params(cfg, jax.random.key(1), mesh))
+  hits = build._initializer.cache_info().hits
+  second = param_tree.flatten(build.init_params(cfg, jax.random.key(2), mesh))
+  assert build._initializer.cache_info().hits == hits + 1
+  scanned = cfg.replace(scan_layers=True, remat_policy="none")
+  assert build._initializer(scanned, mesh, sharding.DEFAULT_RULES)._cache_size() == 1
+  path = "encoder/layers_0/attention/query/kernel"
+  assert not np.array_equal(np.asarray(first[path]), np.asarray(second[path]))  # the new key
+
+
 def hf_parameter_count(cfg) -> int:
   """transformers' own count for the same architecture, built on the meta device (no memory)."""
   config = transformers.T5Config(**{k: v for k, v in hf.t5_config_to_hf_dict(cfg).items()

@@ -70,10 +70,10 @@ def init_params(cfg: T5Config, rng: jax.Array, mesh: Mesh, rules=sharding.DEFAUL
   so scanned and unrolled configs start from the same numbers.
   """
   scanned = cfg.replace(scan_layers=True, remat_policy="none")
-  init = jax.jit(lambda r: nn.meta.unbox(_init_fn(scanned)(r)),
-                 out_shardings=param_shardings(scanned, mesh, rules))
+  # Hashable: the jitted initialiser is kept per (config, mesh, rules).
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
   with sharding.activate(mesh, rules):
-    stacked = init(rng)
+    stacked = _initializer(scanned, mesh, rules)(rng)
   if cfg.scan_layers:
     return stacked
   shardings = param_tree.flatten(param_shardings(cfg, mesh, rules))
@@ -88,6 +88,15 @@ def init_params(cfg: T5Config, rng: jax.Array, mesh: Mesh, rules=sharding.DEFAUL
     out.update(zip(names, _layer_slicer(tuple(shardings[n] for n in names))(value)))
     del value  # the stacked leaf is freed before the next one is sliced
   return param_tree.unflatten(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _initializer(scanned: T5Config, mesh: Mesh, rules: tuple) -> Callable[[jax.Array], Any]:
+  """Jitted `rng -> stacked parameters` in their shardings, one per (config, mesh, rules): a
+  process that builds the same model again (train then eval, the tests) traces and compiles
+  the initialiser once."""
+  return jax.jit(lambda r: nn.meta.unbox(_init_fn(scanned)(r)),
+                 out_shardings=param_shardings(scanned, mesh, rules))
 
 
 def _layer_paths(scanned: re.Match, layers: int) -> tuple[str, ...]:
